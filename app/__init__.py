@@ -1,0 +1,19 @@
+"""Drawbridge: temporary, approved, audited access to Heroku Postgres over mTLS."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from app.config import Config
+from app.runtime import Runtime, build_runtime
+
+
+def create_app(config: Config | None = None, *, runtime: Runtime | None = None) -> Flask:
+    """Wire the web application; `runtime` lets tests and `serve --with-worker` share one runtime."""
+    from app.api import init_api
+
+    rt = runtime or build_runtime(config or Config.from_env())
+    app = Flask(__name__)
+    app.extensions["drawbridge"] = rt
+    app.extensions["drawbridge_api"] = init_api(app)
+    return app

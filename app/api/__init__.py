@@ -1,0 +1,102 @@
+"""The HTTP API: flask-smorest wiring, the problem-document error envelope, and the resource blueprints."""
+
+from __future__ import annotations
+
+import http
+import logging
+from typing import Any
+
+import flask_smorest
+from flask import Flask, Response
+from flask.json.provider import DefaultJSONProvider
+from werkzeug.exceptions import HTTPException
+
+from app.api import access_requests, audit_events, databases, health
+from app.api.context import close_session
+from app.api.problem import (
+    PROBLEM_JSON,
+    ProblemSchema,
+    from_domain_error,
+    from_http_exception,
+    load_json_guarded,
+)
+from app.services.errors import DomainError
+
+log = logging.getLogger(__name__)
+
+API_TITLE = "Drawbridge"
+API_VERSION = "0.1.0"
+MAX_BODY_BYTES = 64 * 1024
+
+
+class GuardedJSONProvider(DefaultJSONProvider):
+    """Flask's own JSON parsing (request.get_json) gets the same depth guard as the schemas."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return load_json_guarded(s.encode() if isinstance(s, str) else s)
+
+
+class Api(flask_smorest.Api):  # type: ignore[misc]
+    """flask-smorest's Api whose every error is an RFC 9457 problem document."""
+
+    ERROR_SCHEMA = ProblemSchema
+
+    def handle_http_exception(self, error: HTTPException) -> Response:
+        if (error.code or 500) >= 500:
+            log.error("request failed with %s", error.code, exc_info=error.__cause__ or error)
+        return from_http_exception(error)
+
+    def _register_responses(self) -> None:
+        # Error responses are documented with the problem+json media type they are sent with.
+        for status in http.HTTPStatus:
+            response: dict[str, Any] = {"description": status.phrase}
+            if status >= 400:
+                response["content"] = {PROBLEM_JSON: {"schema": self.ERROR_SCHEMA}}
+            self.spec.components.response(status.name, response, lazy=True)
+        self.spec.components.response(
+            "DEFAULT_ERROR",
+            {
+                "description": "Default error response",
+                "content": {PROBLEM_JSON: {"schema": self.ERROR_SCHEMA}},
+            },
+            lazy=True,
+        )
+
+
+def init_api(app: Flask) -> Api:
+    app.json_provider_class = GuardedJSONProvider
+    app.json = GuardedJSONProvider(app)
+    app.json.sort_keys = False
+    app.config.update(
+        API_TITLE=API_TITLE,
+        API_VERSION=API_VERSION,
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
+        API_SPEC_OPTIONS={
+            "info": {
+                "description": (
+                    "Temporary, approved, audited access to Heroku Postgres databases in Private and "
+                    "Shield Spaces. Authenticate with `Authorization: Bearer <token>`; errors are "
+                    "RFC 9457 problem documents."
+                )
+            },
+            "security": [{"bearerAuth": []}],
+            "components": {
+                "securitySchemes": {
+                    "bearerAuth": {
+                        "type": "http",
+                        "scheme": "bearer",
+                        "bearerFormat": "dbt_<id>_<secret>",
+                    }
+                }
+            },
+        },
+    )
+    api = Api(app)
+    for module in (health, databases, access_requests, audit_events):
+        api.register_blueprint(module.blp)
+    app.register_error_handler(DomainError, from_domain_error)
+    app.teardown_appcontext(close_session)
+    return api

@@ -1,0 +1,128 @@
+"""`/audit-events`: the audit log for auditors, as JSON pages or as a streamed CSV / NDJSON export."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Response, request
+from flask.views import MethodView
+from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.exceptions import NotAcceptable
+
+from app.api.blueprint import Blueprint
+from app.api.context import principal, runtime, session
+from app.api.schemas import (
+    AUDIT_COLUMNS,
+    AuditEventListSchema,
+    AuditQuerySchema,
+    audit_row,
+)
+from app.models import AuditEvent
+from app.services import audit
+from app.services.identity import Principal
+
+blp = Blueprint(
+    "audit_events",
+    __name__,
+    url_prefix="/audit-events",
+    description="The append-only audit log of every state change.",
+)
+
+CSV = "text/csv"
+NDJSON = "application/x-ndjson"
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    elif hasattr(value, "isoformat"):
+        text = value.isoformat()
+    else:
+        text = str(value)
+    # A leading formula character would make spreadsheets execute the cell; quote it (OWASP CSV injection).
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def _json_line(event: AuditEvent) -> str:
+    row = audit_row(event)
+    row["occurred_at"] = event.occurred_at.isoformat()
+    row["request_id"] = str(event.request_id) if event.request_id else None
+    return json.dumps(row, separators=(",", ":")) + "\n"
+
+
+def _stream(
+    sessions: sessionmaker[Session], who: Principal, filters: audit.EventFilter, fmt: str
+) -> Iterator[str]:
+    with sessions() as db:
+        events = audit.iter_events(db, principal=who, filters=filters)
+        if fmt == CSV:
+            buffer = io.StringIO()
+            writer = csv.writer(buffer, lineterminator="\r\n")
+            writer.writerow(AUDIT_COLUMNS)
+            for event in events:
+                writer.writerow([_cell(v) for v in audit_row(event).values()])
+                if buffer.tell() > 64 * 1024:
+                    yield buffer.getvalue()
+                    buffer.seek(0)
+                    buffer.truncate()
+            yield buffer.getvalue()
+        else:
+            for event in events:
+                yield _json_line(event)
+
+
+@blp.route("")
+class AuditEventCollection(MethodView):
+    @blp.arguments(AuditQuerySchema, location="query")
+    @blp.response(200, AuditEventListSchema)
+    @blp.alt_response(
+        200,
+        schema={"type": "string"},
+        content_type=CSV,
+        success=True,
+        description="Every matching event as CSV (send Accept: text/csv); cursor and limit are ignored",
+    )
+    @blp.alt_response(
+        200,
+        schema={"type": "string"},
+        content_type=NDJSON,
+        success=True,
+        description="Every matching event as one JSON object per line (Accept: application/x-ndjson)",
+    )
+    @blp.errors(401, 403, 406)
+    def get(self, args: dict[str, Any]) -> Any:
+        """Query the audit log (auditor, admin): filters, cursor pages, or a full export."""
+        who = principal()
+        filters = audit.EventFilter(
+            request_id=args.get("request_id"),
+            actor=args.get("actor"),
+            on_behalf_of=args.get("on_behalf_of"),
+            database=args.get("database"),
+            action=args.get("action"),
+            since=args.get("since"),
+            until=args.get("until"),
+        )
+        fmt: str | None = "application/json"
+        if request.accept_mimetypes:
+            fmt = request.accept_mimetypes.best_match(["application/json", CSV, NDJSON])
+        if fmt is None:
+            raise NotAcceptable("ask for application/json, text/csv or application/x-ndjson")
+        if fmt in (CSV, NDJSON):
+            audit.require_auditor(who)
+            mimetype = "text/csv; charset=utf-8" if fmt == CSV else NDJSON
+            return Response(_stream(runtime().sessions, who, filters, fmt), mimetype=mimetype)
+        page = audit.list_events(
+            session(),
+            principal=who,
+            filters=filters,
+            cursor=args.get("cursor"),
+            limit=args["limit"],
+        )
+        return {"items": [audit_row(e) for e in page.items], "next_cursor": page.next_cursor}

@@ -1,0 +1,290 @@
+"""Marshmallow schemas: they validate requests and, through flask-smorest, are the OpenAPI document."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC
+from typing import Any
+
+import marshmallow as ma
+from marshmallow import fields, validate
+
+from app.models import AccessRequest, AuditEvent, Database, RequestStatus
+from app.validation import InvalidInput, check_printable, format_duration, parse_duration
+
+MAX_PAGE = 200
+
+
+class StrictSchema(ma.Schema):
+    """Unknown fields are refused, so a typo never silently changes a security decision."""
+
+    class Meta:
+        unknown = ma.RAISE
+
+
+def _check_text(value: str) -> None:
+    try:
+        check_printable(value, "the value")
+    except InvalidInput as exc:
+        raise ma.ValidationError(str(exc)) from None
+
+
+class Text(fields.String):
+    """A string without control characters."""
+
+    def __init__(self, *, max_length: int = 1000, **kwargs: Any) -> None:
+        validators: list[Callable[[Any], Any]] = [validate.Length(max=max_length), _check_text]
+        super().__init__(validate=validators, **kwargs)
+
+
+class Duration(fields.String):
+    """An ISO 8601 duration (PT2H) or shorthand (90m, 2h, 1d); loaded as whole seconds."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        metadata = kwargs.pop("metadata", {})
+        metadata.setdefault("example", "PT2H")
+        metadata.setdefault("description", "ISO 8601 duration such as PT2H, or shorthand such as 90m, 2h, 1d")
+        super().__init__(metadata=metadata, validate=validate.Length(max=40), **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return int(parse_duration(text).total_seconds())
+        except InvalidInput as exc:
+            raise ma.ValidationError(str(exc)) from None
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
+        return None if value is None else format_duration(int(value))
+
+
+def Timestamp(**kwargs: Any) -> fields.AwareDateTime:  # noqa: N802 - a field factory
+    return fields.AwareDateTime(default_timezone=UTC, **kwargs)
+
+
+# -- databases ---------------------------------------------------------------------------------------------
+
+
+class PolicyFieldsMixin:
+    default_duration = Duration(metadata={"description": "Duration granted when a request gives none"})
+    max_duration = Duration(metadata={"description": "Longest duration one request may ask for"})
+    approvals_required = fields.Integer(
+        validate=validate.Range(1, 10), metadata={"description": "Distinct approvers needed"}
+    )
+    max_live_per_user = fields.Integer(
+        validate=validate.Range(1, 100),
+        metadata={"description": "Live requests one user may hold on this database"},
+    )
+    max_prefix = fields.Integer(
+        validate=validate.Range(16, 32),
+        metadata={"description": "Widest CIDR prefix a request may open (28 means /28)"},
+    )
+    approval_window = Duration(
+        metadata={"description": "How long a request may wait for approval before timing out"}
+    )
+    reason_pattern = Text(
+        max_length=200,
+        allow_none=True,
+        metadata={"description": "Regular expression the reason must contain, e.g. a ticket id"},
+    )
+    rule_headroom = fields.Integer(
+        validate=validate.Range(0, 59),
+        metadata={"description": "Heroku rule slots (of 60) kept free on this database"},
+    )
+
+
+class DatabaseCreateSchema(PolicyFieldsMixin, StrictSchema):
+    name = fields.String(
+        required=True,
+        validate=validate.Regexp(r"^[a-z0-9][a-z0-9-]{0,62}$"),
+        metadata={"description": "Name used in the API", "example": "main"},
+    )
+    app = fields.String(
+        required=True,
+        validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"),
+        metadata={"description": "Heroku app that owns the add-on", "example": "acme-api"},
+    )
+    addon = fields.String(
+        required=True,
+        validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"),
+        metadata={"description": "Heroku add-on name or id", "example": "postgresql-curved-12345"},
+    )
+
+
+class DatabasePolicySchema(PolicyFieldsMixin, StrictSchema):
+    pass
+
+
+class DatabaseSchema(ma.Schema):
+    name = fields.String()
+    app = fields.String()
+    addon = fields.String()
+    addon_id = fields.UUID()
+    plan = fields.String()
+    default_duration = Duration()
+    max_duration = Duration()
+    approvals_required = fields.Integer()
+    max_live_per_user = fields.Integer()
+    max_prefix = fields.Integer()
+    approval_window = Duration()
+    reason_pattern = fields.String(allow_none=True)
+    rule_headroom = fields.Integer()
+    created_at = Timestamp()
+    updated_at = Timestamp()
+
+
+class DatabaseListSchema(ma.Schema):
+    items = fields.List(fields.Nested(DatabaseSchema))
+
+
+def database_dict(db: Database) -> dict[str, Any]:
+    return {key: getattr(db, key) for key in DatabaseSchema().fields}
+
+
+# -- access requests ---------------------------------------------------------------------------------------
+
+
+class AccessRequestCreateSchema(StrictSchema):
+    database = fields.String(required=True, validate=validate.Length(1, 63))
+    cidr = fields.String(
+        required=True,
+        validate=validate.Length(1, 43),
+        metadata={
+            "description": "IPv4 address or CIDR; a bare address means /32",
+            "example": "8.8.8.8/32",
+        },
+    )
+    duration = fields.String(
+        validate=validate.Length(1, 40),
+        metadata={
+            "description": "ISO 8601 (PT2H) or shorthand (90m, 2h, 1d); default from policy",
+            "example": "PT2H",
+        },
+    )
+    reason = fields.String(required=True, validate=validate.Length(1, 1000))
+
+
+class ApproveSchema(StrictSchema):
+    comment = Text(allow_none=True)
+
+
+class DenySchema(StrictSchema):
+    reason = Text(required=True)
+
+
+class EndSchema(StrictSchema):
+    reason = Text(allow_none=True)
+
+
+class ApprovalSchema(ma.Schema):
+    approver = fields.String()
+    comment = fields.String(allow_none=True)
+    approved_at = Timestamp()
+
+
+class AccessRequestSchema(ma.Schema):
+    id = fields.UUID()
+    database = fields.String()
+    cidr = fields.String()
+    requester = fields.String(metadata={"description": "The user the access is for"})
+    filed_by = fields.String(allow_none=True, metadata={"description": "The bot that filed it"})
+    reason = fields.String()
+    duration = Duration()
+    status = fields.String(validate=validate.OneOf([s.value for s in RequestStatus]))
+    approvals = fields.List(fields.Nested(ApprovalSchema))
+    approvals_required = fields.Integer()
+    created_at = Timestamp()
+    decided_at = Timestamp(allow_none=True)
+    activated_at = Timestamp(allow_none=True)
+    expires_at = Timestamp(allow_none=True)
+    ended_at = Timestamp(allow_none=True)
+    end_reason = fields.String(allow_none=True)
+
+
+class AccessRequestListSchema(ma.Schema):
+    items = fields.List(fields.Nested(AccessRequestSchema))
+    next_cursor = fields.String(allow_none=True)
+
+
+class AccessRequestQuerySchema(StrictSchema):
+    status = fields.String(validate=validate.OneOf([s.value for s in RequestStatus]))
+    database = fields.String(validate=validate.Length(1, 63))
+    requester = fields.String(validate=validate.Length(1, 64))
+    cursor = fields.String(validate=validate.Length(1, 200))
+    limit = fields.Integer(load_default=50, validate=validate.Range(1, MAX_PAGE))
+
+
+def request_dict(request: AccessRequest) -> dict[str, Any]:
+    return {
+        "id": request.id,
+        "database": request.database.name,
+        "cidr": request.cidr,
+        "requester": request.requester.name,
+        "filed_by": request.filed_by.name if request.filed_by else None,
+        "reason": request.reason,
+        "duration": request.duration,
+        "status": request.status.value,
+        "approvals": [
+            {"approver": a.approver.name, "comment": a.comment, "approved_at": a.created_at}
+            for a in request.approvals
+        ],
+        "approvals_required": request.database.approvals_required,
+        "created_at": request.created_at,
+        "decided_at": request.decided_at,
+        "activated_at": request.activated_at,
+        "expires_at": request.expires_at,
+        "ended_at": request.ended_at,
+        "end_reason": request.end_reason,
+    }
+
+
+# -- audit -------------------------------------------------------------------------------------------------
+
+
+class AuditQuerySchema(StrictSchema):
+    request_id = fields.UUID()
+    actor = fields.String(validate=validate.Length(1, 64))
+    on_behalf_of = fields.String(validate=validate.Length(1, 64))
+    database = fields.String(validate=validate.Length(1, 63))
+    action = fields.String(validate=validate.Length(1, 64))
+    since = Timestamp(metadata={"description": "Events at or after this time"})
+    until = Timestamp(metadata={"description": "Events before this time"})
+    cursor = fields.String(validate=validate.Length(1, 200))
+    limit = fields.Integer(load_default=100, validate=validate.Range(1, MAX_PAGE))
+
+
+class AuditEventSchema(ma.Schema):
+    id = fields.Integer()
+    occurred_at = Timestamp()
+    actor = fields.String()
+    on_behalf_of = fields.String(allow_none=True)
+    source = fields.String()
+    action = fields.String(metadata={"example": "access_request:approve"})
+    request_id = fields.UUID(allow_none=True)
+    database = fields.String(allow_none=True)
+    details = fields.Dict()
+
+
+class AuditEventListSchema(ma.Schema):
+    items = fields.List(fields.Nested(AuditEventSchema))
+    next_cursor = fields.String(allow_none=True)
+
+
+AUDIT_COLUMNS = (
+    "id",
+    "occurred_at",
+    "actor",
+    "on_behalf_of",
+    "source",
+    "action",
+    "request_id",
+    "database",
+    "details",
+)
+
+
+def audit_row(event: AuditEvent) -> dict[str, Any]:
+    return {key: getattr(event, key) for key in AUDIT_COLUMNS}
+
+
+class HealthSchema(ma.Schema):
+    status = fields.String(metadata={"example": "ok"})

@@ -1,0 +1,185 @@
+"""The `drawbridge` command: serve the API, migrate, manage tokens, run the Heroku simulator."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from app.config import Config, ConfigError
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+log = logging.getLogger("drawbridge")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _config(**overrides: Any) -> Config:
+    try:
+        config = Config.from_env()
+    except ConfigError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+    if overrides:
+        from dataclasses import replace
+
+        config = replace(config, **overrides)
+    return config
+
+
+@click.group()
+def main() -> None:
+    """Drawbridge: temporary, approved, audited access to Heroku Postgres over mTLS."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 64))
+@click.option("--simulate", is_flag=True, help="Talk to the built-in Heroku simulator instead of Heroku.")
+def serve(host: str, port: int, threads: int, simulate: bool) -> None:
+    """Serve the REST API with a production WSGI server (waitress), for single-node deployments."""
+    import waitress
+
+    from app import create_app
+
+    _setup_logging()
+    app = create_app(_config(simulate=simulate))
+    log.info("Drawbridge API listening on http://%s:%s", host, port)
+    waitress.serve(app, host=host, port=port, threads=threads, ident="drawbridge")
+
+
+@main.group()
+def db() -> None:
+    """Database schema management."""
+
+
+def alembic_config(url: str) -> Any:
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig(str(MIGRATIONS.parent / "alembic.ini"))
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["url"] = url
+    return cfg
+
+
+@db.command()
+def upgrade() -> None:
+    """Apply Alembic migrations up to the newest revision."""
+    from alembic import command
+
+    _setup_logging()
+    config = _config()
+    command.upgrade(alembic_config(config.database_url), "head")
+    click.echo("database is at the newest revision", err=True)
+
+
+@main.group()
+def tokens() -> None:
+    """API tokens."""
+
+
+@tokens.command("create")
+@click.option("--user", "user_name", required=True, help="User the token authenticates as.")
+@click.option(
+    "--role",
+    "roles",
+    required=True,
+    multiple=True,
+    type=click.Choice(["requester", "approver", "auditor", "admin", "bot"]),
+    help="Role granted to the token; repeat for several.",
+)
+def tokens_create(user_name: str, roles: tuple[str, ...]) -> None:
+    """Create a token and print its secret, alone, on stdout. It is shown only once."""
+    from app.runtime import build_runtime
+    from app.services import tokens as token_service
+    from app.services.errors import DomainError
+
+    rt = build_runtime(_config())
+    try:
+        with rt.sessions() as session:
+            row, secret = token_service.create_token(
+                session, user_name=user_name, roles=roles, clock=rt.clock
+            )
+    except DomainError as exc:
+        raise click.ClickException(exc.message) from None
+    finally:
+        rt.close()
+    click.echo(f"created token {row.id} for {user_name}", err=True)
+    click.echo(secret)
+
+
+@tokens.command("revoke")
+@click.argument("token")
+def tokens_revoke(token: str) -> None:
+    """Revoke a token, given its id (the part after `dbt_`) or the whole token."""
+    from app.runtime import build_runtime
+    from app.services import tokens as token_service
+    from app.services.errors import DomainError
+
+    rt = build_runtime(_config())
+    try:
+        with rt.sessions() as session:
+            row = token_service.revoke_token(session, token=token, clock=rt.clock)
+    except DomainError as exc:
+        raise click.ClickException(exc.message) from None
+    finally:
+        rt.close()
+    click.echo(f"token {row.id} is revoked", err=True)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5099, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--token", default="simulator-token", show_default=True, help="API token it accepts.")
+def simulator(host: str, port: int, token: str) -> None:
+    """Serve the Heroku API simulator (with the demo add-on `postgresql-demo` of app `demo-app`)."""
+    import waitress
+
+    from app.clock import SystemClock
+    from app.heroku.simulator import Simulator
+
+    _setup_logging()
+    sim = Simulator(clock=SystemClock(), token=token)
+    addon = sim.seed_demo()
+    log.warning(
+        "Heroku simulator on http://%s:%s (token %r, demo add-on %s of app %s): no real access",
+        host,
+        port,
+        token,
+        addon.name,
+        addon.app_name,
+    )
+    waitress.serve(sim, host=host, port=port, ident="heroku-simulator")
+
+
+@main.command()
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file.")
+def openapi(output: Path | None) -> None:
+    """Print (or write) the OpenAPI document that the API serves."""
+    text = render_openapi()
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+
+
+def render_openapi() -> str:
+    from app import create_app
+
+    app = create_app(Config(database_url="sqlite://"))
+    spec = app.extensions["drawbridge_api"].spec.to_dict()
+    return yaml.safe_dump(spec, sort_keys=True, allow_unicode=True, width=100)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,265 @@
+"""Typed models of Drawbridge's own database; invariants that can live in the schema are CHECK constraints."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Enum,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.db import Base, UTCDateTime
+
+
+class Role(enum.StrEnum):
+    REQUESTER = "requester"
+    APPROVER = "approver"
+    AUDITOR = "auditor"
+    ADMIN = "admin"
+    BOT = "bot"
+
+
+class RequestStatus(enum.StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    PROVISIONING = "provisioning"
+    ACTIVE = "active"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    DENIED = "denied"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+    FAILED = "failed"
+
+    @property
+    def is_live(self) -> bool:
+        return self in LIVE_STATUSES
+
+
+LIVE_STATUSES = frozenset(
+    {
+        RequestStatus.PENDING,
+        RequestStatus.APPROVED,
+        RequestStatus.PROVISIONING,
+        RequestStatus.ACTIVE,
+    }
+)
+DECIDED_STATUSES = frozenset(
+    {
+        RequestStatus.APPROVED,
+        RequestStatus.PROVISIONING,
+        RequestStatus.ACTIVE,
+        RequestStatus.EXPIRED,
+        RequestStatus.FAILED,
+        RequestStatus.DENIED,
+        RequestStatus.REVOKED,
+    }
+)
+
+_LIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(LIVE_STATUSES))
+_DECIDED_SQL = ", ".join(f"'{s.value}'" for s in sorted(DECIDED_STATUSES))
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
+_Json = JSON().with_variant(JSONB(), "postgresql")
+_BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (CheckConstraint("length(name) BETWEEN 1 AND 64", name="name_length"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    slack_user_id: Mapped[str | None] = mapped_column(String(32), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ApiToken(Base):
+    """A bearer token, `dbt_<id>_<secret>`; only the SHA-256 of the secret is kept."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (CheckConstraint("length(secret_hash) = 64", name="secret_hash_length"),)
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    user: Mapped[User] = relationship(lazy="joined")
+    role_rows: Mapped[list[ApiTokenRole]] = relationship(lazy="selectin", cascade="all, delete-orphan")
+
+    @property
+    def roles(self) -> frozenset[Role]:
+        return frozenset(row.role for row in self.role_rows)
+
+
+class ApiTokenRole(Base):
+    __tablename__ = "api_token_roles"
+
+    token_id: Mapped[str] = mapped_column(ForeignKey("api_tokens.id"), primary_key=True)
+    role: Mapped[Role] = mapped_column(_enum(Role, "role"), primary_key=True)
+
+
+class Database(Base):
+    """A registered Heroku Postgres add-on and the policy that governs access to it."""
+
+    __tablename__ = "databases"
+    __table_args__ = (
+        CheckConstraint("default_duration > 0", name="default_duration_positive"),
+        CheckConstraint("max_duration >= default_duration", name="max_covers_default"),
+        CheckConstraint("approvals_required BETWEEN 1 AND 10", name="approvals_required_range"),
+        CheckConstraint("max_live_per_user BETWEEN 1 AND 100", name="max_live_per_user_range"),
+        CheckConstraint("max_prefix BETWEEN 16 AND 32", name="max_prefix_range"),
+        CheckConstraint("approval_window > 0", name="approval_window_positive"),
+        CheckConstraint("rule_headroom BETWEEN 0 AND 59", name="rule_headroom_range"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    app: Mapped[str] = mapped_column(String(100))
+    addon: Mapped[str] = mapped_column(String(100))
+    addon_id: Mapped[uuid.UUID] = mapped_column(Uuid(), unique=True)
+    plan: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    default_duration: Mapped[int] = mapped_column(Integer, default=3600)
+    max_duration: Mapped[int] = mapped_column(Integer, default=8 * 3600)
+    approvals_required: Mapped[int] = mapped_column(Integer, default=1)
+    max_live_per_user: Mapped[int] = mapped_column(Integer, default=5)
+    max_prefix: Mapped[int] = mapped_column(Integer, default=28)
+    approval_window: Mapped[int] = mapped_column(Integer, default=24 * 3600)
+    reason_pattern: Mapped[str | None] = mapped_column(String(200))
+    rule_headroom: Mapped[int] = mapped_column(Integer, default=5)
+
+
+class AccessRequest(Base):
+    __tablename__ = "access_requests"
+    __table_args__ = (
+        CheckConstraint("duration > 0", name="duration_positive"),
+        CheckConstraint("length(reason) BETWEEN 1 AND 1000", name="reason_length"),
+        CheckConstraint(
+            f"(status IN ({_LIVE_SQL}) AND ended_at IS NULL) "
+            f"OR (status NOT IN ({_LIVE_SQL}) AND ended_at IS NOT NULL)",
+            name="ended_iff_final",
+        ),
+        CheckConstraint(f"status NOT IN ({_DECIDED_SQL}) OR decided_at IS NOT NULL", name="decided_has_time"),
+        CheckConstraint(
+            "status <> 'active' OR (activated_at IS NOT NULL AND expires_at IS NOT NULL)",
+            name="active_has_window",
+        ),
+        UniqueConstraint("id", "requester_id"),
+        Index(
+            "uq_access_requests_live_grant",
+            "requester_id",
+            "database_id",
+            "cidr",
+            unique=True,
+            postgresql_where=text(f"status IN ({_LIVE_SQL})"),
+            sqlite_where=text(f"status IN ({_LIVE_SQL})"),
+        ),
+        Index("ix_access_requests_status_created", "status", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid(), primary_key=True, default=uuid.uuid4)
+    database_id: Mapped[int] = mapped_column(ForeignKey("databases.id"), index=True)
+    requester_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    filed_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    cidr: Mapped[str] = mapped_column(String(18))
+    duration: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    status: Mapped[RequestStatus] = mapped_column(_enum(RequestStatus, "status"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    end_reason: Mapped[str | None] = mapped_column(Text)
+
+    database: Mapped[Database] = relationship(lazy="joined")
+    requester: Mapped[User] = relationship(foreign_keys=[requester_id], lazy="joined")
+    filed_by: Mapped[User | None] = relationship(foreign_keys=[filed_by_id], lazy="joined")
+    approvals: Mapped[list[Approval]] = relationship(
+        lazy="selectin",
+        order_by="Approval.id",
+        primaryjoin="AccessRequest.id == foreign(Approval.request_id)",
+        viewonly=True,
+    )
+
+
+class Approval(Base):
+    """One approver's approval. The requester is repeated so the database itself refuses self-approval."""
+
+    __tablename__ = "approvals"
+    __table_args__ = (
+        UniqueConstraint("request_id", "approver_id"),
+        CheckConstraint("approver_id <> requester_id", name="not_self"),
+        ForeignKeyConstraint(
+            ["request_id", "requester_id"],
+            ["access_requests.id", "access_requests.requester_id"],
+            name="fk_approvals_request_requester",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    request_id: Mapped[uuid.UUID] = mapped_column(Uuid())
+    requester_id: Mapped[int] = mapped_column(Integer)
+    approver_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    comment: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    approver: Mapped[User] = relationship(lazy="joined")
+
+
+class AuditEvent(Base):
+    """Append-only record of one state change, written in the transaction of the change itself."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        CheckConstraint("action LIKE '%:%'", name="action_is_tagged"),
+        Index("ix_audit_events_occurred_at", "occurred_at"),
+        Index("ix_audit_events_actor_id", "actor", "id"),
+        Index("ix_audit_events_database_id", "database", "id"),
+        Index("ix_audit_events_action_id", "action", "id"),
+        Index("ix_audit_events_request_id_id", "request_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(64))
+    on_behalf_of: Mapped[str | None] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[uuid.UUID | None] = mapped_column(Uuid())
+    database: Mapped[str | None] = mapped_column(String(63))
+    details: Mapped[dict[str, Any]] = mapped_column(_Json)

@@ -1,0 +1,79 @@
+"""What a process runs with: configuration, database engine and sessions, the Heroku client and the clock.
+
+Built once per process by the web app factory, the worker and the CLI; it imports no Flask.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import httpx
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.clock import Clock, SystemClock
+from app.config import Config
+from app.db import make_engine, make_session_factory
+from app.heroku.client import HerokuClient
+from app.heroku.simulator import Simulator, SimulatorTransport
+
+log = logging.getLogger(__name__)
+
+SIMULATOR_TOKEN = "simulator-token"
+
+
+@dataclass
+class Runtime:
+    config: Config
+    engine: Engine
+    sessions: sessionmaker[Session]
+    heroku: HerokuClient | None
+    clock: Clock
+    simulator: Simulator | None = None
+
+    def close(self) -> None:
+        if self.heroku is not None:
+            self.heroku.close()
+        self.engine.dispose()
+
+
+def build_runtime(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    heroku: HerokuClient | None = None,
+    heroku_transport: httpx.BaseTransport | None = None,
+) -> Runtime:
+    """Wire a runtime. With `config.simulate`, Heroku is the built-in simulator, in this process."""
+    clock = clock or SystemClock()
+    engine = make_engine(config.database_url)
+    simulator = None
+    if heroku is None and config.simulate:
+        simulator = Simulator(clock=clock, token=SIMULATOR_TOKEN)
+        simulator.seed_demo()
+        log.warning(
+            "SIMULATED HEROKU: Drawbridge talks to its built-in Heroku simulator; "
+            "no real access to any database is granted or removed"
+        )
+        heroku = HerokuClient(
+            token=SIMULATOR_TOKEN,
+            api_url="http://heroku.simulator",
+            data_api_url="http://data.heroku.simulator",
+            transport=SimulatorTransport(app=simulator),
+        )
+    elif heroku is None and config.heroku_api_token:
+        heroku = HerokuClient(
+            token=config.heroku_api_token,
+            api_url=config.heroku_api_url,
+            data_api_url=config.heroku_data_api_url,
+            transport=heroku_transport,
+        )
+    return Runtime(
+        config=config,
+        engine=engine,
+        sessions=make_session_factory(engine),
+        heroku=heroku,
+        clock=clock,
+        simulator=simulator,
+    )
