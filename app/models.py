@@ -73,6 +73,21 @@ DECIDED_STATUSES = frozenset(
     }
 )
 
+# The state machine of DESIGN.md: every transition a request may make. Final states have none.
+ALLOWED_TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
+    RequestStatus.PENDING: frozenset(
+        {RequestStatus.APPROVED, RequestStatus.DENIED, RequestStatus.CANCELLED, RequestStatus.TIMED_OUT}
+    ),
+    RequestStatus.APPROVED: frozenset(
+        {RequestStatus.PROVISIONING, RequestStatus.CANCELLED, RequestStatus.REVOKED, RequestStatus.FAILED}
+    ),
+    RequestStatus.PROVISIONING: frozenset(
+        {RequestStatus.ACTIVE, RequestStatus.REVOKED, RequestStatus.FAILED}
+    ),
+    RequestStatus.ACTIVE: frozenset({RequestStatus.EXPIRED, RequestStatus.REVOKED}),
+    **{status: frozenset() for status in RequestStatus if status not in LIVE_STATUSES},
+}
+
 _LIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(LIVE_STATUSES))
 _DECIDED_SQL = ", ".join(f"'{s.value}'" for s in sorted(DECIDED_STATUSES))
 

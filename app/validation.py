@@ -34,8 +34,8 @@ _REFUSED_RANGES: tuple[tuple[ipaddress.IPv4Network, str], ...] = tuple(
         ("198.51.100.0/24", "documentation (TEST-NET-2)"),
         ("203.0.113.0/24", "documentation (TEST-NET-3)"),
         ("224.0.0.0/4", "multicast"),
-        ("240.0.0.0/4", "reserved"),
         ("255.255.255.255/32", "broadcast"),
+        ("240.0.0.0/4", "reserved"),
     )
 )
 

@@ -35,9 +35,7 @@ class ProblemSchema(ma.Schema):
     code = ma.fields.String(metadata={"description": "Drawbridge's machine-readable error code"})
     errors = ma.fields.Dict(metadata={"description": "Field-level validation errors"})
     existing_id = ma.fields.String(metadata={"description": "The live request that a duplicate would repeat"})
-    status_now = ma.fields.String(
-        data_key="request_status", metadata={"description": "The request's current status"}
-    )
+    request_status = ma.fields.String(metadata={"description": "The request's current status"})
 
 
 def problem(

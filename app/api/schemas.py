@@ -44,10 +44,12 @@ class Duration(fields.String):
         metadata = kwargs.pop("metadata", {})
         metadata.setdefault("example", "PT2H")
         metadata.setdefault("description", "ISO 8601 duration such as PT2H, or shorthand such as 90m, 2h, 1d")
-        super().__init__(metadata=metadata, validate=validate.Length(max=40), **kwargs)
+        super().__init__(metadata=metadata, **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
         text = super()._deserialize(value, attr, data, **kwargs)
+        if len(text) > 40:
+            raise ma.ValidationError("a duration is at most 40 characters")
         try:
             return int(parse_duration(text).total_seconds())
         except InvalidInput as exc:

@@ -21,7 +21,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.clock import Clock
-from app.models import LIVE_STATUSES, AccessRequest, Approval, Database, RequestStatus, Role, User
+from app.models import (
+    ALLOWED_TRANSITIONS,
+    LIVE_STATUSES,
+    AccessRequest,
+    Approval,
+    Database,
+    RequestStatus,
+    Role,
+    User,
+)
 from app.services import audit
 from app.services.errors import (
     AlreadyApproved,
@@ -188,11 +197,13 @@ def transition(
 
     Does not commit: the caller adds the audit event and commits both together.
     """
+    if to not in ALLOWED_TRANSITIONS[request.status] and request.status in expected:
+        raise InvalidTransition(f"a request cannot go from {request.status.value} to {to.value}")
     if request.status not in expected:
         raise InvalidTransition(
             f"the request is {request.status.value}; this needs it to be "
             + " or ".join(sorted(s.value for s in expected)),
-            status=request.status.value,
+            request_status=request.status.value,
         )
     result = session.execute(
         update(AccessRequest)
@@ -223,7 +234,9 @@ def approve(
     if request.requester_id == principal.user_id:
         raise SelfApprovalForbidden("you cannot approve your own request; someone else must")
     if request.status is not RequestStatus.PENDING:
-        raise InvalidTransition(f"the request is already {request.status.value}", status=request.status.value)
+        raise InvalidTransition(
+            f"the request is already {request.status.value}", request_status=request.status.value
+        )
     if any(a.approver_id == principal.user_id for a in request.approvals):
         raise AlreadyApproved("you have already approved this request")
     now = clock.now()
