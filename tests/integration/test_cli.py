@@ -1,4 +1,4 @@
-"""The `drawbridge` command as an operator runs it: migrate, issue and revoke tokens, fail fast on bad config."""
+"""The `drawbridge` command as an operator runs it: migrate, issue and revoke tokens, refuse bad config."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The real httpx client against the simulator, in-process and over loopback, for the calls Drawbridge makes."""
+"""The real httpx client against the simulator, in-process and over loopback."""
 
 from __future__ import annotations
 
