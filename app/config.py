@@ -32,6 +32,8 @@ class Config:
     sweep_interval: float = 1.0
     poll_interval: float = 15.0
     min_duration: int = 60
+    provisioning_timeout: float = 1800.0
+    reconcile_interval: float = 300.0
     rate_limit: str = "600/minute"
     trusted_proxies: int = 0
     slack_signing_secret: str | None = field(default=None, repr=False)
@@ -67,6 +69,12 @@ class Config:
             sweep_interval=_seconds("DRAWBRIDGE_SWEEP_INTERVAL", get("DRAWBRIDGE_SWEEP_INTERVAL"), 1.0),
             poll_interval=_seconds("DRAWBRIDGE_POLL_INTERVAL", get("DRAWBRIDGE_POLL_INTERVAL"), 15.0),
             min_duration=_whole_seconds("DRAWBRIDGE_MIN_DURATION", get("DRAWBRIDGE_MIN_DURATION"), 60),
+            provisioning_timeout=_seconds(
+                "DRAWBRIDGE_PROVISIONING_TIMEOUT", get("DRAWBRIDGE_PROVISIONING_TIMEOUT"), 1800.0
+            ),
+            reconcile_interval=_seconds(
+                "DRAWBRIDGE_RECONCILE_INTERVAL", get("DRAWBRIDGE_RECONCILE_INTERVAL"), 300.0
+            ),
             rate_limit=_rate_limit(get("DRAWBRIDGE_RATE_LIMIT") or "600/minute"),
             trusted_proxies=_count("DRAWBRIDGE_TRUSTED_PROXIES", get("DRAWBRIDGE_TRUSTED_PROXIES")),
             slack_signing_secret=get("SLACK_SIGNING_SECRET"),

@@ -53,6 +53,20 @@ class RequestStatus(enum.StrEnum):
         return self in LIVE_STATUSES
 
 
+class RuleStatus(enum.StrEnum):
+    """Drawbridge's record of one Heroku IP rule it owns."""
+
+    CREATING = "creating"  # intent committed; Heroku may or may not have it yet
+    AUTHORIZING = "authorizing"  # Heroku has it and is still authorizing it
+    AUTHORIZED = "authorized"  # access works
+    DELETING = "deleting"  # no live request needs it; it must go
+    DELETED = "deleted"  # gone at Heroku
+
+
+LIVE_RULE_STATUSES = frozenset(
+    {RuleStatus.CREATING, RuleStatus.AUTHORIZING, RuleStatus.AUTHORIZED, RuleStatus.DELETING}
+)
+
 LIVE_STATUSES = frozenset(
     {
         RequestStatus.PENDING,
@@ -88,6 +102,7 @@ ALLOWED_TRANSITIONS: dict[RequestStatus, frozenset[RequestStatus]] = {
     **{status: frozenset() for status in RequestStatus if status not in LIVE_STATUSES},
 }
 
+_LIVE_RULE_SQL = ", ".join(f"'{s.value}'" for s in sorted(LIVE_RULE_STATUSES))
 _LIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(LIVE_STATUSES))
 _DECIDED_SQL = ", ".join(f"'{s.value}'" for s in sorted(DECIDED_STATUSES))
 
@@ -130,7 +145,7 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
-    user: Mapped[User] = relationship(lazy="joined")
+    user: Mapped[User] = relationship(lazy="joined", innerjoin=True)
     role_rows: Mapped[list[ApiTokenRole]] = relationship(lazy="selectin", cascade="all, delete-orphan")
 
     @property
@@ -177,6 +192,11 @@ class Database(Base):
     reason_pattern: Mapped[str | None] = mapped_column(String(200))
     rule_headroom: Mapped[int] = mapped_column(Integer, default=5)
 
+    # What the worker last saw at Heroku; it paces polling and counts toward the 60-rule limit.
+    rules_polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    reconciled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    foreign_rule_count: Mapped[int | None] = mapped_column(Integer)
+
 
 class AccessRequest(Base):
     __tablename__ = "access_requests"
@@ -193,7 +213,12 @@ class AccessRequest(Base):
             "status <> 'active' OR (activated_at IS NOT NULL AND expires_at IS NOT NULL)",
             name="active_has_window",
         ),
+        CheckConstraint(
+            "status NOT IN ('provisioning', 'active') OR ip_rule_id IS NOT NULL", name="granted_has_rule"
+        ),
+        CheckConstraint("attempts >= 0", name="attempts_not_negative"),
         UniqueConstraint("id", "requester_id"),
+        Index("ix_access_requests_status_next_attempt", "status", "next_attempt_at"),
         Index(
             "uq_access_requests_live_grant",
             "requester_id",
@@ -220,9 +245,13 @@ class AccessRequest(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     end_reason: Mapped[str | None] = mapped_column(Text)
+    ip_rule_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("ip_rules.id"), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
 
-    database: Mapped[Database] = relationship(lazy="joined")
-    requester: Mapped[User] = relationship(foreign_keys=[requester_id], lazy="joined")
+    database: Mapped[Database] = relationship(lazy="joined", innerjoin=True)
+    requester: Mapped[User] = relationship(foreign_keys=[requester_id], lazy="joined", innerjoin=True)
     filed_by: Mapped[User | None] = relationship(foreign_keys=[filed_by_id], lazy="joined")
     approvals: Mapped[list[Approval]] = relationship(
         lazy="selectin",
@@ -230,6 +259,46 @@ class AccessRequest(Base):
         primaryjoin="AccessRequest.id == foreign(Approval.request_id)",
         viewonly=True,
     )
+
+
+class IpRule(Base):
+    """One Heroku mTLS IP rule Drawbridge owns for a (database, CIDR); requests for that CIDR share it."""
+
+    __tablename__ = "ip_rules"
+    __table_args__ = (
+        CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+        CheckConstraint(
+            "status NOT IN ('authorizing', 'authorized') OR heroku_rule_id IS NOT NULL",
+            name="known_at_heroku",
+        ),
+        CheckConstraint("status <> 'authorized' OR authorized_at IS NOT NULL", name="authorized_has_time"),
+        CheckConstraint("status <> 'deleted' OR deleted_at IS NOT NULL", name="deleted_has_time"),
+        Index(
+            "uq_ip_rules_live_cidr",
+            "database_id",
+            "cidr",
+            unique=True,
+            postgresql_where=text(f"status IN ({_LIVE_RULE_SQL})"),
+            sqlite_where=text(f"status IN ({_LIVE_RULE_SQL})"),
+        ),
+        Index("ix_ip_rules_status_next_attempt", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid(), primary_key=True, default=uuid.uuid4)
+    database_id: Mapped[int] = mapped_column(ForeignKey("databases.id"), index=True)
+    cidr: Mapped[str] = mapped_column(String(18))
+    status: Mapped[RuleStatus] = mapped_column(_enum(RuleStatus, "status"))
+    heroku_rule_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    authorized_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    release_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    database: Mapped[Database] = relationship(lazy="joined", innerjoin=True)
 
 
 class Approval(Base):
@@ -253,7 +322,7 @@ class Approval(Base):
     comment: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
-    approver: Mapped[User] = relationship(lazy="joined")
+    approver: Mapped[User] = relationship(lazy="joined", innerjoin=True)
 
 
 class AuditEvent(Base):

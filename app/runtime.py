@@ -16,6 +16,7 @@ from app.clock import Clock, SystemClock
 from app.config import Config
 from app.db import make_engine, make_session_factory
 from app.heroku.client import HerokuClient
+from app.heroku.simulator import Settings as SimulatorSettings
 from app.heroku.simulator import Simulator, SimulatorTransport
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,10 @@ def build_runtime(
     engine = make_engine(config.database_url)
     simulator = None
     if heroku is None and config.simulate:
-        simulator = Simulator(clock=clock, token=SIMULATOR_TOKEN)
+        # Rules take a while to authorize, as at Heroku, so the walk-through shows every stage.
+        simulator = Simulator(
+            clock=clock, token=SIMULATOR_TOKEN, settings=SimulatorSettings(authorize_after=20.0)
+        )
         simulator.seed_demo()
         log.warning(
             "SIMULATED HEROKU: Drawbridge talks to its built-in Heroku simulator; "

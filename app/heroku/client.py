@@ -6,17 +6,23 @@ come in two formats, and a delete may answer 200 with a body or 204 without one.
 
 from __future__ import annotations
 
+import enum
 import logging
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from app.heroku.errors import (
     HerokuAuthError,
+    HerokuBudgetReserved,
     HerokuError,
     HerokuNotFound,
     HerokuPermanentError,
@@ -72,6 +78,54 @@ class Certificate:
     status: str
     created_at: datetime | None
     expires_at: datetime | None
+
+
+class Priority(enum.IntEnum):
+    """Which calls may spend the last of the account's budget: deletes first, creates last."""
+
+    CREATE = 0
+    READ = 1
+    DELETE = 2
+
+
+class RateBudget:
+    """The account's Heroku API budget as Heroku last reported it (`RateLimit-Remaining`).
+
+    Creates stop while fewer than `reserve` calls are left, reads at half that, deletes never (only Heroku's
+    own 429 stops them), so closing access never starves behind opening it. Below `slow_below` every call
+    is paced by up to `max_pause` seconds, more as the budget drains.
+    """
+
+    def __init__(self, *, reserve: int = 150, slow_below: int = 1000, max_pause: float = 1.0) -> None:
+        self.reserve = reserve
+        self.slow_below = slow_below
+        self.max_pause = max_pause
+        self.remaining: int | None = None
+        self.observed_at = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, header: str | None) -> None:
+        if header is None or not header.strip().isdigit():
+            return
+        with self._lock:
+            self.remaining = int(header.strip())
+            self.observed_at = time.monotonic()
+
+    def stale(self, seconds: float = 30.0) -> bool:
+        return time.monotonic() - self.observed_at > seconds
+
+    def admits(self, priority: Priority) -> bool:
+        with self._lock:
+            if self.remaining is None or priority is Priority.DELETE:
+                return True
+            floor = self.reserve if priority is Priority.CREATE else self.reserve // 2
+            return self.remaining > floor
+
+    def pause(self) -> float:
+        with self._lock:
+            if self.remaining is None or self.remaining >= self.slow_below:
+                return 0.0
+            return self.max_pause * (1 - self.remaining / self.slow_below)
 
 
 def parse_timestamp(value: object) -> datetime | None:
@@ -134,7 +188,16 @@ class HerokuClient:
         data_api_url: str,
         transport: httpx.BaseTransport | None = None,
         timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+        budget: RateBudget | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        self.budget = budget or RateBudget()
+        self.simulated = False
+        self._retries = retries
+        self._backoff = backoff
+        self._sleep = sleep
         self._api_url = api_url.rstrip("/")
         self._data_api_url = data_api_url.rstrip("/")
         self._http = httpx.Client(
@@ -160,7 +223,55 @@ class HerokuClient:
         *,
         json: Any = None,
         operation: str,
+        priority: Priority = Priority.READ,
     ) -> httpx.Response:
+        """One logical call. Idempotent ones (GET, DELETE) are retried on transient errors with
+        exponential backoff and jitter, inside a small budget; a create never is, because a create that
+        failed ambiguously may have happened (the caller lists and matches before trying again)."""
+        self._admit(priority, operation)
+        attempts = self._retries if method in ("GET", "DELETE") else 1
+        retrying = Retrying(
+            stop=stop_after_attempt(max(1, attempts)),
+            wait=wait_exponential_jitter(multiplier=self._backoff, max=self._backoff * 10),
+            retry=retry_if_exception_type(HerokuTransientError),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        response: httpx.Response | None = None
+        for attempt in retrying:
+            with attempt:
+                pause = self.budget.pause()
+                if pause:
+                    self._sleep(pause)
+                response = self._once(method, url, json=json, operation=operation)
+        assert response is not None
+        return response
+
+    def _admit(self, priority: Priority, operation: str) -> None:
+        if self.budget.admits(priority):
+            return
+        if self.budget.stale():
+            self.refresh_budget()
+            if self.budget.admits(priority):
+                return
+        raise HerokuBudgetReserved(
+            f"{operation}: only {self.budget.remaining} Heroku API calls are left; "
+            "the rest is kept for deleting rules"
+        )
+
+    def refresh_budget(self) -> None:
+        """Ask Heroku what is left of the budget (this call costs nothing)."""
+        try:
+            response = self._once(
+                "GET", f"{self._api_url}/account/rate-limits", json=None, operation="rate_limits"
+            )
+            data = response.json()
+        except (HerokuError, ValueError):
+            return
+        if isinstance(data, dict) and isinstance(data.get("remaining"), int):
+            self.budget.observe(str(data["remaining"]))
+
+    def _once(self, method: str, url: str, *, json: Any, operation: str) -> httpx.Response:
         request_id = str(uuid.uuid4())
         headers = {"Request-Id": request_id}
         if json is not None:
@@ -177,6 +288,10 @@ class HerokuClient:
             raise HerokuTransientError(
                 f"{operation} could not reach Heroku: {type(exc).__name__}", request_id=request_id
             ) from exc
+        self.budget.observe(response.headers.get("RateLimit-Remaining"))
+        if response.headers.get(SIMULATOR_HEADER) and not self.simulated:
+            self.simulated = True
+            log.warning("SIMULATED HEROKU: %s is a simulator; no real access is granted or removed", url)
         log.info("heroku %s status=%s request_id=%s", operation, response.status_code, request_id)
         if response.is_success:
             return response
@@ -261,9 +376,12 @@ class HerokuClient:
             rule_count=len(rules) if isinstance(rules, list) else None,
         )
 
-    def list_ip_rules(self, *, db: str) -> list[IpRule]:
-        """Every IP rule of a database, Drawbridge's and others'."""
-        response = self._call("GET", self._data(db, "/ip-rules"), operation="ip_rules_list")
+    def list_ip_rules(self, *, db: str, priority: Priority = Priority.READ) -> list[IpRule]:
+        """Every IP rule of a database, Drawbridge's and others'. Listing in order to delete may pass
+        Priority.DELETE so it is not refused when the budget runs low."""
+        response = self._call(
+            "GET", self._data(db, "/ip-rules"), operation="ip_rules_list", priority=priority
+        )
         data = self._json(response, "ip_rules_list")
         if not isinstance(data, list):
             raise HerokuPermanentError("ip_rules_list: Heroku returned something other than a list")
@@ -276,6 +394,7 @@ class HerokuClient:
             self._data(db, "/ip-rules"),
             json={"cidr": cidr, "description": description},
             operation="ip_rule_create",
+            priority=Priority.CREATE,
         )
         return _rule(self._json(response, "ip_rule_create"))
 
@@ -292,6 +411,7 @@ class HerokuClient:
                 "DELETE",
                 self._data(db, f"/ip-rules/{quote(rule_id, safe='')}"),
                 operation="ip_rule_delete",
+                priority=Priority.DELETE,
             )
         except HerokuNotFound:
             return False

@@ -38,6 +38,10 @@ class HerokuRateLimited(HerokuTransientError):
     """429: the account's request budget is spent for now."""
 
 
+class HerokuBudgetReserved(HerokuTransientError):
+    """Not sent: the account's remaining API budget is kept for deletes. Try again later."""
+
+
 class HerokuPermanentError(HerokuError):
     """A 4xx other than 429: the call as made will not succeed."""
 

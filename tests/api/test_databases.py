@@ -75,7 +75,8 @@ def test_registration_explains_why_heroku_said_no_and_stores_nothing(
         simulator.add_addon(app="acme-api", name=name, mtls_status="Provisioning")
     elif setup in ("heroku_down", "heroku_rate_limited"):
         simulator.add_addon(app="acme-api", name=name)
-        simulator.script("addon_lookup", "503" if setup == "heroku_down" else "429")
+        fault = "503" if setup == "heroku_down" else "429"
+        simulator.script("addon_lookup", fault, fault, fault)  # outlasts the client's retries
 
     answer = client.post(
         "/databases",

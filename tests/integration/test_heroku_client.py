@@ -23,6 +23,12 @@ from app.heroku.errors import (
 from app.heroku.simulator import SimAddon, Simulator, SimulatorTransport
 
 TOKEN = "sim-secret"
+pauses: list[float] = []
+
+
+def no_sleep(seconds: float) -> None:
+    """Backoff pauses are recorded, not slept: tests never wait on the wall clock."""
+    pauses.append(seconds)
 
 
 @pytest.fixture
@@ -43,6 +49,7 @@ def heroku(request: pytest.FixtureRequest, sim: Simulator) -> Iterator[HerokuCli
             api_url="http://api.test",
             data_api_url="http://data.test",
             transport=SimulatorTransport(app=sim),
+            sleep=no_sleep,
         )
         yield client
         client.close()
@@ -51,7 +58,7 @@ def heroku(request: pytest.FixtureRequest, sim: Simulator) -> Iterator[HerokuCli
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{server.server_port}"
-    client = HerokuClient(token=TOKEN, api_url=base, data_api_url=base, timeout=5)
+    client = HerokuClient(token=TOKEN, api_url=base, data_api_url=base, timeout=5, sleep=no_sleep)
     yield client
     client.close()
     server.shutdown()
@@ -101,14 +108,45 @@ def test_a_refused_token_is_a_permanent_auth_error(
     ("fault", "error"),
     [("500", HerokuTransientError), ("503", HerokuTransientError), ("429", HerokuRateLimited)],
 )
-def test_server_errors_and_rate_limits_are_transient(
+def test_server_errors_and_rate_limits_are_transient_and_retried_within_a_budget(
     heroku: HerokuClient, sim: Simulator, pg: SimAddon, fault: str, error: type[Exception]
 ) -> None:
-    sim.script("mtls_status", fault)  # type: ignore[arg-type]
+    sim.script("mtls_status", fault, fault)  # type: ignore[arg-type]
+    assert heroku.get_tls_endpoint(db=pg.id).status == "Operational"
+    assert sim.count("mtls_status") == 3
+
+    sim.script("mtls_status", fault, fault, fault)  # type: ignore[arg-type]
     with pytest.raises(error) as info:
         heroku.get_tls_endpoint(db=pg.id)
     assert not info.value.permanent  # type: ignore[attr-defined]
-    assert heroku.get_tls_endpoint(db=pg.id).status == "Operational"
+    assert sim.count("mtls_status") == 6
+
+
+def test_backoff_grows_exponentially_with_jitter(sim: Simulator, pg: SimAddon) -> None:
+    waits: list[float] = []
+    client = HerokuClient(
+        token=TOKEN,
+        api_url="http://a",
+        data_api_url="http://d",
+        transport=SimulatorTransport(app=sim),
+        retries=4,
+        backoff=0.2,
+        sleep=waits.append,
+    )
+    sim.script("mtls_status", "503", "503", "503")
+    client.get_tls_endpoint(db=pg.id)
+    assert len(waits) == 3
+    assert 0.2 <= waits[0] < 0.2 + 1.0 + 1e-9
+    assert waits[1] >= 0.4 and waits[2] >= 0.8
+    assert max(waits) <= 2.0 + 1.0
+
+
+def test_a_create_is_never_retried_blindly(heroku: HerokuClient, sim: Simulator, pg: SimAddon) -> None:
+    sim.script("ip_rule_create", "ambiguous_500")
+    with pytest.raises(HerokuTransientError):
+        heroku.create_ip_rule(db=pg.id, cidr="8.8.8.8/32", description="drawbridge test")
+    assert sim.count("ip_rule_create") == 1
+    assert [r.cidr for r in heroku.list_ip_rules(db=pg.id)] == ["8.8.8.8/32"]
 
 
 def test_error_bodies_without_an_id_are_read(heroku: HerokuClient, sim: Simulator) -> None:
@@ -125,8 +163,9 @@ def test_a_timeout_is_transient(sim: Simulator, pg: SimAddon) -> None:
         api_url="http://api.test",
         data_api_url="http://data.test",
         transport=SimulatorTransport(app=sim),
+        sleep=no_sleep,
     )
-    sim.script("mtls_status", "timeout")
+    sim.script("mtls_status", "timeout", "timeout", "timeout")
     with pytest.raises(HerokuTransientError, match="timed out"):
         client.get_tls_endpoint(db=pg.id)
 
@@ -137,7 +176,7 @@ def test_a_slow_heroku_over_loopback_times_out_as_transient(sim: Simulator, pg: 
     thread.start()
     sim.settings.slow_seconds = 0.5
     base = f"http://127.0.0.1:{server.server_port}"
-    client = HerokuClient(token=TOKEN, api_url=base, data_api_url=base, timeout=0.1)
+    client = HerokuClient(token=TOKEN, api_url=base, data_api_url=base, timeout=0.1, retries=1)
     try:
         with pytest.raises(HerokuTransientError, match="timed out"):
             client.get_tls_endpoint(db=pg.id)

@@ -1,0 +1,98 @@
+"""The worker: APScheduler timers that run the sweeps of `app.services.grants`.
+
+APScheduler is only the timer. The database holds every piece of state, so the scheduler keeps no job store,
+any number of workers may run at once on PostgreSQL, and a restarted worker simply carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from types import FrameType
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from app.runtime import Runtime
+from app.services import grants
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, runtime: Runtime) -> None:
+        if runtime.heroku is None:
+            raise RuntimeError("the worker needs Heroku credentials: set HEROKU_API_TOKEN, or use --simulate")
+        self.runtime = runtime
+        self.heroku = runtime.heroku
+        config = runtime.config
+        self.settings = grants.Settings(
+            poll_interval=config.poll_interval,
+            provisioning_timeout=config.provisioning_timeout,
+            reconcile_interval=config.reconcile_interval,
+        )
+        self._stopping = threading.Event()
+        self._scheduler: BackgroundScheduler | None = None
+
+    def run_once(self) -> grants.Report:
+        """One sweep (reconciliation included; each database is reconciled at most once per interval)."""
+        started = time.monotonic()
+        report = grants.sweep(
+            self.runtime.sessions,
+            heroku=self.heroku,
+            clock=self.runtime.clock,
+            settings=self.settings,
+            stop=self._stopping.is_set,
+            with_reconcile=True,
+        )
+        if report.counts:
+            log.info("sweep took %.3fs: %s", time.monotonic() - started, report.counts)
+        return report
+
+    def _safe_run(self) -> None:
+        try:
+            self.run_once()
+        except Exception:  # noqa: BLE001 - the timer must keep firing whatever one sweep hit
+            log.exception("sweep failed")
+
+    def start(self) -> None:
+        """Start sweeping every DRAWBRIDGE_SWEEP_INTERVAL seconds in a background thread."""
+        scheduler = BackgroundScheduler(timezone=UTC)
+        scheduler.add_job(
+            self._safe_run,
+            "interval",
+            seconds=self.runtime.config.sweep_interval,
+            id="sweep",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+            next_run_time=datetime.now(UTC),
+        )
+        scheduler.start()
+        self._scheduler = scheduler
+        log.info("worker sweeping every %ss", self.runtime.config.sweep_interval)
+
+    def stop(self) -> None:
+        """Finish the row in hand, skip the rest of the sweep, and stop the timer."""
+        self._stopping.set()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+            self._scheduler = None
+        log.info("worker stopped")
+
+
+def run_until_signalled(worker: Worker) -> None:
+    """Run the worker in this process until SIGTERM or SIGINT; the sweep in progress finishes first."""
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s; finishing the work in hand", signal.Signals(signum).name)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker.start()
+    done.wait()
+    worker.stop()
