@@ -41,21 +41,70 @@ def main() -> None:
     """Drawbridge: temporary, approved, audited access to Heroku Postgres over mTLS."""
 
 
+SIMULATE = click.option(
+    "--simulate", is_flag=True, help="Talk to the built-in Heroku simulator instead of Heroku."
+)
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=5000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 64))
-@click.option("--simulate", is_flag=True, help="Talk to the built-in Heroku simulator instead of Heroku.")
-def serve(host: str, port: int, threads: int, simulate: bool) -> None:
+@click.option("--with-worker", is_flag=True, help="Also run the worker in this process.")
+@SIMULATE
+def serve(host: str, port: int, threads: int, with_worker: bool, simulate: bool) -> None:
     """Serve the REST API with a production WSGI server (waitress), for single-node deployments."""
+    import signal
+
     import waitress
 
     from app import create_app
+    from app.runtime import build_runtime
+    from app.worker import Worker
 
     _setup_logging()
-    app = create_app(_config(simulate=simulate))
-    log.info("Drawbridge API listening on http://%s:%s", host, port)
-    waitress.serve(app, host=host, port=port, threads=threads, ident="drawbridge")
+    runtime = build_runtime(_config(simulate=simulate))
+    app = create_app(runtime=runtime)
+    try:
+        background = Worker(runtime) if with_worker else None
+    except RuntimeError as exc:
+        runtime.close()
+        raise click.ClickException(str(exc)) from None
+
+    def on_term(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    if background is not None:
+        background.start()
+    log.info("Drawbridge API on http://%s:%s", host, port)
+    try:
+        waitress.serve(app, host=host, port=port, threads=threads, ident="drawbridge")
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        if background is not None:
+            background.stop()
+        runtime.close()
+
+
+@main.command()
+@SIMULATE
+def worker(simulate: bool) -> None:
+    """Run the worker: create, watch and delete Heroku IP rules and end requests on time.
+
+    SIGTERM finishes the work in hand, then exits."""
+    from app.runtime import build_runtime
+    from app.worker import Worker, run_until_signalled
+
+    _setup_logging()
+    runtime = build_runtime(_config(simulate=simulate))
+    try:
+        run_until_signalled(Worker(runtime))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        runtime.close()
 
 
 @main.group()

@@ -253,6 +253,7 @@ class AccessRequest(Base):
     database: Mapped[Database] = relationship(lazy="joined", innerjoin=True)
     requester: Mapped[User] = relationship(foreign_keys=[requester_id], lazy="joined", innerjoin=True)
     filed_by: Mapped[User | None] = relationship(foreign_keys=[filed_by_id], lazy="joined")
+    ip_rule: Mapped[IpRule | None] = relationship(lazy="selectin")
     approvals: Mapped[list[Approval]] = relationship(
         lazy="selectin",
         order_by="Approval.id",

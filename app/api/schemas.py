@@ -183,6 +183,12 @@ class ApprovalSchema(ma.Schema):
     approved_at = Timestamp()
 
 
+class RuleSummarySchema(ma.Schema):
+    id = fields.UUID(metadata={"description": "Drawbridge's id of the rule"})
+    heroku_rule_id = fields.String(allow_none=True, metadata={"description": "Heroku's id, once created"})
+    status = fields.String(metadata={"description": "creating, authorizing, authorized, deleting or deleted"})
+
+
 class AccessRequestSchema(ma.Schema):
     id = fields.UUID()
     database = fields.String()
@@ -200,6 +206,17 @@ class AccessRequestSchema(ma.Schema):
     expires_at = Timestamp(allow_none=True)
     ended_at = Timestamp(allow_none=True)
     end_reason = fields.String(allow_none=True)
+    ip_rule = fields.Nested(
+        RuleSummarySchema,
+        allow_none=True,
+        metadata={
+            "description": "The Heroku IP rule that carries this access (shared by overlapping requests)"
+        },
+    )
+    status_detail = fields.String(
+        allow_none=True,
+        metadata={"description": "What the request is waiting for, or the last error the worker met"},
+    )
 
 
 class AccessRequestListSchema(ma.Schema):
@@ -236,7 +253,25 @@ def request_dict(request: AccessRequest) -> dict[str, Any]:
         "expires_at": request.expires_at,
         "ended_at": request.ended_at,
         "end_reason": request.end_reason,
+        "ip_rule": (
+            {
+                "id": request.ip_rule.id,
+                "heroku_rule_id": request.ip_rule.heroku_rule_id,
+                "status": request.ip_rule.status.value,
+            }
+            if request.ip_rule is not None
+            else None
+        ),
+        "status_detail": request.last_error or _waiting_for(request),
     }
+
+
+def _waiting_for(request: AccessRequest) -> str | None:
+    if request.status is RequestStatus.APPROVED:
+        return "approved; Drawbridge is opening access at Heroku"
+    if request.status is RequestStatus.PROVISIONING:
+        return "Heroku is authorizing the IP rule; this usually takes a few minutes"
+    return None
 
 
 # -- audit -------------------------------------------------------------------------------------------------

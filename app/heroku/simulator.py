@@ -119,6 +119,10 @@ class Simulator:
         self.settings = settings or Settings()
         self.addons: dict[str, SimAddon] = {}
         self.calls: list[Call] = []
+        self.created: list[SimRule] = []
+        """Every rule ever created, deleted ones included, in order."""
+        self.deleted: list[str] = []
+        """Ids of rules deleted, in order."""
         self._scripted: dict[str, deque[Fault]] = {}
         self._lock = threading.RLock()
         self._rng = random.Random(self.settings.seed)
@@ -225,6 +229,8 @@ class Simulator:
     def reset_calls(self) -> None:
         with self._lock:
             self.calls.clear()
+            self.created.clear()
+            self.deleted.clear()
 
     # -- WSGI ---------------------------------------------------------------------------------------------
 
@@ -463,6 +469,7 @@ class Simulator:
             authorized_at=now + timedelta(seconds=self.settings.authorize_after),
         )
         addon.rules[rule.id] = rule
+        self.created.append(rule)
         return self._json(self._rule_json(rule), self.settings.create_status)
 
     def _op_ip_rule_get(self, request: Request, db: str, rule_id: str) -> Response:
@@ -482,6 +489,7 @@ class Simulator:
         if rule is None:
             return self._error(404, "not_found", "Couldn't find that IP rule.")
         addon.deleted_cidrs[rule.cidr] = self.clock.now()
+        self.deleted.append(rule.id)
         if self.settings.delete_answer == 204:
             return Response(status=204)
         return self._json(self._rule_json(rule))

@@ -314,6 +314,7 @@ def release_rules(
             previous = rule.status
             rule.status = RuleStatus.DELETING
             rule.release_at = now
+            rule.attempts = 0  # from here on, attempts count deletes
             _rule_event(session, rule, "ip_rule:release", now, previous_status=previous.value)
             session.commit()
             report.add("released")
@@ -660,6 +661,7 @@ def _give_up(session: Session, rule: IpRule, now: datetime, reason: str, report:
     _fail_users(session, rule, now, reason, report)
     rule.status = RuleStatus.DELETING
     rule.release_at = now
+    rule.attempts = 0  # from here on, attempts count deletes
     rule.last_error = reason
     rule.next_attempt_at = None
     _rule_event(session, rule, "ip_rule:release", now, reason=reason)
@@ -884,6 +886,9 @@ def _authorize(session: Session, rule: IpRule, now: datetime, report: Report) ->
     rule.authorized_at = now
     _rule_event(session, rule, "ip_rule:authorize", now)
     report.add("authorized")
+    for request in _live_users(session, rule.id):
+        if request.status is RequestStatus.ACTIVE and request.last_error:
+            request.last_error = None  # a recreated rule works again
     _activate(session, rule, now, report)
 
 
