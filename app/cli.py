@@ -190,25 +190,59 @@ def tokens_revoke(token: str) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5099, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--token", default="simulator-token", show_default=True, help="API token it accepts.")
-def simulator(host: str, port: int, token: str) -> None:
+@click.option(
+    "--authorize-after", default=20.0, show_default=True, help="Seconds a new rule stays Authorizing."
+)
+@click.option("--rule-limit", default=60, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--duplicate-cidr", type=click.Choice(["reject", "allow"]), default="reject", show_default=True)
+@click.option("--readd-window", default=0.0, show_default=True, help="Seconds a deleted CIDR answers 500.")
+@click.option("--timestamp-format", type=click.Choice(["iso", "heroku"]), default="iso", show_default=True)
+@click.option("--delete-answer", type=click.Choice(["200", "204"]), default="200", show_default=True)
+@click.option("--fault-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--slow-seconds", default=0.0, show_default=True, help="Delay added to every answer.")
+@click.option("--seed", type=int, default=None, help="Seed for the fault dice.")
+def simulator(
+    host: str,
+    port: int,
+    token: str,
+    authorize_after: float,
+    rule_limit: int,
+    duplicate_cidr: str,
+    readd_window: float,
+    timestamp_format: str,
+    delete_answer: str,
+    fault_rate: float,
+    slow_seconds: float,
+    seed: int | None,
+) -> None:
     """Serve the Heroku API simulator (with the demo add-on `postgresql-demo` of app `demo-app`)."""
     import waitress
 
     from app.clock import SystemClock
-    from app.heroku.simulator import Simulator
+    from app.heroku.simulator import Settings, Simulator
 
     _setup_logging()
-    sim = Simulator(clock=SystemClock(), token=token)
+    settings = Settings(
+        authorize_after=authorize_after,
+        rule_limit=rule_limit,
+        duplicate_cidr=duplicate_cidr,  # type: ignore[arg-type]
+        readd_window=readd_window,
+        timestamp_format=timestamp_format,  # type: ignore[arg-type]
+        delete_answer=int(delete_answer),  # type: ignore[arg-type]
+        fault_rate=fault_rate,
+        slow_seconds=slow_seconds,
+        seed=seed,
+    )
+    sim = Simulator(clock=SystemClock(), token=token, settings=settings)
     addon = sim.seed_demo()
     log.warning(
-        "Heroku simulator on http://%s:%s (token %r, demo add-on %s of app %s): no real access",
+        "Heroku simulator on http://%s:%s (demo add-on %s of app %s): no real access is granted",
         host,
         port,
-        token,
         addon.name,
         addon.app_name,
     )
-    waitress.serve(sim, host=host, port=port, ident="heroku-simulator")
+    waitress.serve(sim, host=host, port=port, threads=8, ident="heroku-simulator")
 
 
 @main.command()

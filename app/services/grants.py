@@ -207,6 +207,32 @@ def _fail_users(session: Session, rule: IpRule, now: datetime, reason: str, repo
         report.add("failed")
 
 
+def _push_back(
+    sessions: sessionmaker[Session],
+    model: type[Row],
+    row_id: uuid.UUID,
+    *,
+    clock: Clock,
+    settings: Settings,
+    report: Report,
+    error: BaseException,
+) -> None:
+    """After an unexpected error on one row, push that row's next attempt back, so one bad row can never
+    stop a sweep nor be retried in a tight loop."""
+    log.exception("unexpected error on %s %s; it will be retried later", model.__tablename__, row_id)
+    report.add("row_errors")
+    try:
+        with sessions() as session:
+            row = _locked(session, model, row_id)
+            if row is None:
+                return
+            row.next_attempt_at = clock.now() + backoff(row.attempts + 1, settings.max_backoff)
+            row.last_error = f"internal error: {type(error).__name__}"
+            session.commit()
+    except Exception:  # noqa: BLE001 - the database itself may be what failed; the next sweep retries
+        log.exception("could not record the error on %s %s", model.__tablename__, row_id)
+
+
 # -- step 1: end what is due ---------------------------------------------------------------------------
 
 
@@ -344,15 +370,18 @@ def delete_rules(
     for rule_id, token in claims:
         if stop():
             return
-        _delete_one(
-            sessions,
-            heroku=heroku,
-            clock=clock,
-            settings=settings,
-            report=report,
-            rule_id=rule_id,
-            token=token,
-        )
+        try:
+            _delete_one(
+                sessions,
+                heroku=heroku,
+                clock=clock,
+                settings=settings,
+                report=report,
+                rule_id=rule_id,
+                token=token,
+            )
+        except Exception as exc:  # noqa: BLE001 - see _push_back
+            _push_back(sessions, IpRule, rule_id, clock=clock, settings=settings, report=report, error=exc)
 
 
 def _delete_one(
@@ -474,6 +503,10 @@ def provision_requests(
             _provision_one(sessions, clock=clock, settings=settings, report=report, request_id=request_id)
         except InvalidTransition:
             continue  # cancelled or revoked meanwhile, or another worker got it
+        except Exception as exc:  # noqa: BLE001 - see _push_back
+            _push_back(
+                sessions, AccessRequest, request_id, clock=clock, settings=settings, report=report, error=exc
+            )
 
 
 def _provision_one(
@@ -644,16 +677,19 @@ def create_rules(
     for rule_id, previous_attempts, token in claims:
         if stop():
             return
-        _create_one(
-            sessions,
-            heroku=heroku,
-            clock=clock,
-            settings=settings,
-            report=report,
-            rule_id=rule_id,
-            token=token,
-            look_first=previous_attempts > 0,
-        )
+        try:
+            _create_one(
+                sessions,
+                heroku=heroku,
+                clock=clock,
+                settings=settings,
+                report=report,
+                rule_id=rule_id,
+                token=token,
+                look_first=previous_attempts > 0,
+            )
+        except Exception as exc:  # noqa: BLE001 - see _push_back
+            _push_back(sessions, IpRule, rule_id, clock=clock, settings=settings, report=report, error=exc)
 
 
 def _give_up(session: Session, rule: IpRule, now: datetime, reason: str, report: Report) -> None:
@@ -921,9 +957,18 @@ def poll_rules(
     for database_id in claimed:
         if stop():
             return
-        _poll_one(
-            sessions, heroku=heroku, clock=clock, settings=settings, report=report, database_id=database_id
-        )
+        try:
+            _poll_one(
+                sessions,
+                heroku=heroku,
+                clock=clock,
+                settings=settings,
+                report=report,
+                database_id=database_id,
+            )
+        except Exception:  # noqa: BLE001 - the database was claimed for this interval; the next poll retries
+            log.exception("polling database %s failed", database_id)
+            report.add("row_errors")
 
 
 def _poll_one(
@@ -1014,7 +1059,11 @@ def reconcile(
     for database_id in claimed:
         if stop():
             return
-        _reconcile_one(sessions, heroku=heroku, clock=clock, report=report, database_id=database_id)
+        try:
+            _reconcile_one(sessions, heroku=heroku, clock=clock, report=report, database_id=database_id)
+        except Exception:  # noqa: BLE001 - retried at the next reconcile interval
+            log.exception("reconciling database %s failed", database_id)
+            report.add("row_errors")
 
 
 def _reconcile_one(
@@ -1116,50 +1165,27 @@ def sweep(
     stop: Callable[[], bool] = lambda: False,
     with_reconcile: bool = False,
 ) -> Report:
-    """One pass of every step, closing access before opening any. A failing step is logged and the
-    others still run; the failing rows carry their own backoff."""
+    """One pass of every step, closing access before opening any; reconciliation (when asked for) runs
+    before provisioning so a new rule is counted against what Heroku really holds. A failing step is
+    logged and the others still run; failing rows carry their own backoff."""
     report = Report()
-    steps: list[tuple[str, Callable[[], None]]] = [
-        ("expire", lambda: expire_requests(sessions, clock=clock, settings=settings, report=report)),
-        ("release", lambda: release_rules(sessions, clock=clock, settings=settings, report=report)),
-        (
-            "delete",
-            lambda: delete_rules(
-                sessions, heroku=heroku, clock=clock, settings=settings, report=report, stop=stop
-            ),
-        ),
-        ("time_out", lambda: time_out_pending(sessions, clock=clock, settings=settings, report=report)),
-        (
-            "provision",
-            lambda: provision_requests(sessions, clock=clock, settings=settings, report=report, stop=stop),
-        ),
-        (
-            "create",
-            lambda: create_rules(
-                sessions, heroku=heroku, clock=clock, settings=settings, report=report, stop=stop
-            ),
-        ),
-        (
-            "poll",
-            lambda: poll_rules(
-                sessions, heroku=heroku, clock=clock, settings=settings, report=report, stop=stop
-            ),
-        ),
+    common: dict[str, Any] = {"clock": clock, "settings": settings, "report": report}
+    remote: dict[str, Any] = {**common, "heroku": heroku, "stop": stop}
+    steps: list[tuple[str, Callable[..., None], dict[str, Any]]] = [
+        ("expire", expire_requests, common),
+        ("release", release_rules, common),
+        ("delete", delete_rules, remote),
+        ("time_out", time_out_pending, common),
+        *([("reconcile", reconcile, remote)] if with_reconcile else []),
+        ("provision", provision_requests, {**common, "stop": stop}),
+        ("create", create_rules, remote),
+        ("poll", poll_rules, remote),
     ]
-    if with_reconcile:
-        steps.append(
-            (
-                "reconcile",
-                lambda: reconcile(
-                    sessions, heroku=heroku, clock=clock, settings=settings, report=report, stop=stop
-                ),
-            )
-        )
-    for name, step in steps:
+    for name, step, kwargs in steps:
         if stop():
             break
         try:
-            step()
+            step(sessions, **kwargs)
         except Exception:  # noqa: BLE001 - one broken step must not stop the others
             log.exception("sweep step %s failed", name)
             report.add(f"{name}_errors")

@@ -151,3 +151,34 @@ def test_restarting_with_a_new_process_loses_nothing(world: World) -> None:
     finally:
         fresh.close()
     assert world.simulator.count("ip_rule_create") == 2
+
+
+class BreaksOn(HerokuClient):
+    """A client with a bug that only one CIDR triggers."""
+
+    def create_ip_rule(self, *, db: str, cidr: str, description: str) -> IpRule:
+        if cidr == "1.1.1.1/32":
+            raise ValueError("a bug nobody foresaw")
+        return super().create_ip_rule(db=db, cidr=cidr, description=description)
+
+
+def test_one_bad_row_neither_stops_the_sweep_nor_spins(world: World) -> None:
+    base = sim_client(world.simulator)
+    buggy = BreaksOn(
+        token=world.simulator.token, api_url="http://api.heroku.test", data_api_url="http://data.heroku.test",
+        transport=base._http._transport, sleep=lambda s: None,
+    )
+    bad = world.approved(cidr="1.1.1.1")
+    good = world.approved(cidr="8.8.8.8", who="erin")
+
+    report = world.sweep(heroku=buggy)
+
+    assert report.counts.get("row_errors") == 1
+    assert world.at_heroku() == ["8.8.8.8/32"]  # the good request went on
+    broken = next(r for r in world.rules() if r.cidr == "1.1.1.1/32")
+    assert broken.last_error == "internal error: ValueError"
+    assert broken.next_attempt_at is not None and broken.next_attempt_at > world.clock.now()
+    world.sweep(heroku=buggy)
+    assert world.sweep(heroku=buggy).counts.get("row_errors") is None  # backing off, not retried at once
+    assert world.request(bad).status.value == "provisioning"
+    assert world.request(good).status.value == "provisioning"
