@@ -291,13 +291,16 @@ class Simulator:
             return decoded.partition(":")[2] == self.token
         return False
 
-    def _take_token(self) -> int | None:
-        """Spend one token from the account's bucket; None when it is empty."""
+    def _refill(self) -> None:
         now = self.clock.now()
         elapsed = (now - self._bucket_at).total_seconds()
         self._bucket_at = now
         refill = max(0.0, elapsed) * self.settings.bucket_refill_per_minute / 60.0
         self._bucket = min(float(self.settings.bucket_capacity), self._bucket + refill)
+
+    def _take_token(self) -> int | None:
+        """Spend one token from the account's bucket; None when it is empty."""
+        self._refill()
         if self._bucket < 1:
             return None
         self._bucket -= 1
@@ -318,6 +321,7 @@ class Simulator:
         if not self._authorized(request):
             return self._error(401, "unauthorized", "Invalid credentials provided.")
         if operation == "rate_limits":
+            self._refill()
             return self._json({"remaining": int(self._bucket)})
         remaining = self._take_token()
         if remaining is None:

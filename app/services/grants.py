@@ -723,7 +723,8 @@ def _create_one(
     adopted = False
     try:
         if look_first:
-            found = _find_ours(heroku.list_ip_rules(db=addon_id), rule_id)
+            # Only needed to open access, so it spends no more of the budget than a create would.
+            found = _find_ours(heroku.list_ip_rules(db=addon_id, priority=Priority.CREATE), rule_id)
             adopted = found is not None
         if found is None:
             found = heroku.create_ip_rule(db=addon_id, cidr=cidr, description=description)

@@ -165,8 +165,11 @@ class BreaksOn(HerokuClient):
 def test_one_bad_row_neither_stops_the_sweep_nor_spins(world: World) -> None:
     base = sim_client(world.simulator)
     buggy = BreaksOn(
-        token=world.simulator.token, api_url="http://api.heroku.test", data_api_url="http://data.heroku.test",
-        transport=base._http._transport, sleep=lambda s: None,
+        token=world.simulator.token,
+        api_url="http://api.heroku.test",
+        data_api_url="http://data.heroku.test",
+        transport=base._http._transport,
+        sleep=lambda s: None,
     )
     bad = world.approved(cidr="1.1.1.1")
     good = world.approved(cidr="8.8.8.8", who="erin")
