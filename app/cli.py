@@ -22,6 +22,8 @@ def _setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    # One line per job run would drown the worker's own report of what each sweep did.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 def _config(**overrides: Any) -> Config:
