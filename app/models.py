@@ -172,6 +172,8 @@ class Database(Base):
         CheckConstraint("max_prefix BETWEEN 16 AND 32", name="max_prefix_range"),
         CheckConstraint("approval_window > 0", name="approval_window_positive"),
         CheckConstraint("rule_headroom BETWEEN 0 AND 59", name="rule_headroom_range"),
+        CheckConstraint("self_extension >= 0", name="self_extension_not_negative"),
+        CheckConstraint("warn_before >= 0", name="warn_before_not_negative"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -191,6 +193,15 @@ class Database(Base):
     approval_window: Mapped[int] = mapped_column(Integer, default=24 * 3600)
     reason_pattern: Mapped[str | None] = mapped_column(String(200))
     rule_headroom: Mapped[int] = mapped_column(Integer, default=5)
+    approvers: Mapped[dict[str, Any] | None] = mapped_column(_Json)
+    """None: anyone with the approver role. Else {"users": [...], "roles": [...]} narrows who may approve."""
+    auto_approve: Mapped[list[dict[str, Any]] | None] = mapped_column(_Json)
+    """None: every request needs people. Else rules [{"users": [...], "max_duration": seconds}]; a request
+    matching any rule is approved by policy, and the audit says so."""
+    self_extension: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Seconds a requester may add to live access in total without a new approval."""
+    warn_before: Mapped[int] = mapped_column(Integer, default=600, server_default="600")
+    """Seconds before access ends when its holder is warned."""
 
     # What the worker last saw at Heroku; it paces polling and counts toward the 60-rule limit.
     rules_polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -217,6 +228,7 @@ class AccessRequest(Base):
             "status NOT IN ('provisioning', 'active') OR ip_rule_id IS NOT NULL", name="granted_has_rule"
         ),
         CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+        CheckConstraint("pending_extension IS NULL OR pending_extension > 0", name="extension_positive"),
         UniqueConstraint("id", "requester_id"),
         Index("ix_access_requests_status_next_attempt", "status", "next_attempt_at"),
         Index(
@@ -249,6 +261,13 @@ class AccessRequest(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
+    approval_round: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """0 while the request itself is decided; k while its k-th extension is."""
+    pending_extension: Mapped[int | None] = mapped_column(Integer)
+    """Seconds asked to be added to active access, waiting for approval."""
+    self_extended: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Seconds added without approval so far (bounded by the policy's self_extension)."""
+    warned_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     database: Mapped[Database] = relationship(lazy="joined", innerjoin=True)
     requester: Mapped[User] = relationship(foreign_keys=[requester_id], lazy="joined", innerjoin=True)
@@ -307,7 +326,7 @@ class Approval(Base):
 
     __tablename__ = "approvals"
     __table_args__ = (
-        UniqueConstraint("request_id", "approver_id"),
+        UniqueConstraint("request_id", "round", "approver_id"),
         CheckConstraint("approver_id <> requester_id", name="not_self"),
         ForeignKeyConstraint(
             ["request_id", "requester_id"],
@@ -320,6 +339,8 @@ class Approval(Base):
     request_id: Mapped[uuid.UUID] = mapped_column(Uuid())
     requester_id: Mapped[int] = mapped_column(Integer)
     approver_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    round: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """0 approves the request; k approves its k-th extension."""
     comment: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -348,3 +369,49 @@ class AuditEvent(Base):
     request_id: Mapped[uuid.UUID | None] = mapped_column(Uuid())
     database: Mapped[str | None] = mapped_column(String(63))
     details: Mapped[dict[str, Any]] = mapped_column(_Json)
+
+
+class IdempotencyKey(Base):
+    """The first answer to a POST that carried an `Idempotency-Key`, replayed for retries (24 hours)."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        UniqueConstraint("token_id", "key"),
+        CheckConstraint("length(key) BETWEEN 1 AND 255", name="key_length"),
+        Index("ix_idempotency_keys_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_id: Mapped[str] = mapped_column(String(16))
+    key: Mapped[str] = mapped_column(String(255))
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(500))
+    body_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    status: Mapped[int | None] = mapped_column(Integer)
+    """None while the first request is still being answered."""
+    response_body: Mapped[str | None] = mapped_column(Text)
+    content_type: Mapped[str | None] = mapped_column(String(100))
+
+
+class Notification(Base):
+    """Outbox: one event to announce, written in the transaction of the change it announces, and
+    delivered by the worker to every configured receiver with retries."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (
+        CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+        Index("ix_notifications_pending", "delivered_at", "next_attempt_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid(), primary_key=True, default=uuid.uuid4)
+    event: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[uuid.UUID | None] = mapped_column(Uuid())
+    payload: Mapped[dict[str, Any]] = mapped_column(_Json)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    delivered_to: Mapped[list[str]] = mapped_column(_Json, default=list)
+    """Receivers (by name) that already accepted it, so a retry never sends it to them twice."""
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -31,7 +31,7 @@ from app.models import (
     Role,
     User,
 )
-from app.services import audit
+from app.services import audit, notify
 from app.services.errors import (
     AlreadyApproved,
     Conflict,
@@ -169,6 +169,7 @@ def request_access(
         request=request,
         details={"cidr": network, "duration": seconds, "reason": text, "status": "pending"},
     )
+    notify.enqueue(session, event="request_created", request=request, at=now, actor=principal.actor)
     session.commit()
     return request
 
@@ -280,6 +281,15 @@ def approve(
             "status": request.status.value,
         },
     )
+    if request.status.value == RequestStatus.APPROVED.value:  # transition() refreshed it
+        notify.enqueue(
+            session,
+            event="request_decided",
+            request=request,
+            at=now,
+            actor=principal.actor,
+            decision="approved",
+        )
     session.commit()
     session.refresh(request)
     return request
@@ -316,6 +326,15 @@ def deny(
         at=now,
         request=request,
         details={"reason": text, "status": request.status.value},
+    )
+    notify.enqueue(
+        session,
+        event="request_decided",
+        request=request,
+        at=now,
+        actor=principal.actor,
+        decision="denied",
+        reason=text,
     )
     session.commit()
     return request
@@ -363,6 +382,9 @@ def cancel(
         request=request,
         details={"reason": text, "status": request.status.value},
     )
+    notify.enqueue(
+        session, event="request_ended", request=request, at=now, actor=principal.actor, reason=text
+    )
     session.commit()
     return request
 
@@ -399,6 +421,7 @@ def revoke(
         request=request,
         details={"reason": text, "status": request.status.value},
     )
+    notify.enqueue(session, event="access_ended", request=request, at=now, actor=principal.actor, reason=text)
     session.commit()
     return request
 

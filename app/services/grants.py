@@ -36,7 +36,7 @@ from app.models import (
     RequestStatus,
     RuleStatus,
 )
-from app.services import audit
+from app.services import audit, notify
 from app.services.access import transition
 from app.services.errors import InvalidTransition
 from app.services.identity import Principal
@@ -178,6 +178,7 @@ def _activate(session: Session, rule: IpRule, now: datetime, report: Report) -> 
                 "status": "active",
             },
         )
+        notify.enqueue(session, event="access_ready", request=request, at=now, actor=WORKER.actor)
         report.add("activated")
 
 
@@ -204,6 +205,7 @@ def _fail_users(session: Session, rule: IpRule, now: datetime, reason: str, repo
             request=request,
             details={"reason": reason, "rule_id": str(rule.id), "status": "failed"},
         )
+        notify.enqueue(session, event="access_ended", request=request, at=now, actor=WORKER.actor)
         report.add("failed")
 
 
@@ -269,6 +271,7 @@ def expire_requests(
                     "status": "expired",
                 },
             )
+            notify.enqueue(session, event="access_ended", request=request, at=now, actor=WORKER.actor)
             report.add("expired")
         session.commit()
 
@@ -308,6 +311,7 @@ def time_out_pending(
                     request=request,
                     details={"reason": reason, "status": "timed_out"},
                 )
+                notify.enqueue(session, event="request_ended", request=request, at=now, actor=WORKER.actor)
                 report.add("timed_out")
         session.commit()
 
@@ -565,6 +569,7 @@ def _provision_one(
                         request=request,
                         details={"reason": message, "status": "failed"},
                     )
+                    notify.enqueue(session, event="access_ended", request=request, at=now, actor=WORKER.actor)
                     report.add("failed")
                 else:
                     request.next_attempt_at = now + timedelta(seconds=30)

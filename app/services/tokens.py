@@ -98,6 +98,33 @@ def revoke_token(session: Session, *, token: str, clock: Clock) -> ApiToken:
     return row
 
 
+def roles_of(session: Session, user_id: int) -> frozenset[Role]:
+    """A user's own permissions: the roles of their live tokens, the bot role excepted."""
+    rows = session.scalars(
+        select(ApiTokenRole.role)
+        .join(ApiToken, ApiToken.id == ApiTokenRole.token_id)
+        .where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
+    )
+    return frozenset(role for role in rows if role is not Role.BOT)
+
+
+def acting_for(session: Session, *, user_name: str, bot: Principal | None, source: str) -> Principal | None:
+    """The principal of `user_name` with that user's own permissions, acting through `bot` (if any) and
+    `source` ("api", "slack"). None when no such user exists."""
+    user = session.scalar(select(User).where(User.name == user_name))
+    if user is None:
+        return None
+    return Principal(
+        user_id=user.id,
+        name=user.name,
+        roles=roles_of(session, user.id),
+        token_id=bot.token_id if bot else None,
+        bot_id=bot.user_id if bot else None,
+        bot_name=bot.name if bot else None,
+        source=source,
+    )
+
+
 def authenticate(session: Session, *, presented: str) -> Principal | None:
     """The principal for a presented bearer token, or None if it is malformed, unknown or revoked."""
     parts = presented.split("_", 2)
