@@ -16,4 +16,10 @@ def create_app(config: Config | None = None, *, runtime: Runtime | None = None) 
     app = Flask(__name__)
     app.extensions["drawbridge"] = rt
     app.extensions["drawbridge_api"] = init_api(app)
+    if rt.config.trusted_proxies:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        # Each trusted proxy (Heroku's router is one) appends to X-Forwarded-For; the client is the entry
+        # that many hops from the right. The left-most entry is whatever the client claimed.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=rt.config.trusted_proxies)  # type: ignore[method-assign]
     return app

@@ -1,4 +1,4 @@
-"""The `drawbridge` command: serve the API, migrate, manage tokens, run the Heroku simulator."""
+"""The `drawbridge` command: serve the API, migrate, manage tokens and users, run the Heroku simulator."""
 
 from __future__ import annotations
 
@@ -186,6 +186,38 @@ def tokens_revoke(token: str) -> None:
     finally:
         rt.close()
     click.echo(f"token {row.id} is revoked", err=True)
+
+
+@main.group()
+def users() -> None:
+    """Drawbridge users."""
+
+
+@users.command("link-slack")
+@click.option("--user", "user_name", required=True, help="Drawbridge user (created if new).")
+@click.option("--slack-user-id", required=True, help="The Slack member id, such as U024BE7LH.")
+def users_link_slack(user_name: str, slack_user_id: str) -> None:
+    """Map a Slack user to a Drawbridge user, so `/drawbridge` and the Slack buttons act as them."""
+    from app.runtime import build_runtime
+    from app.services import tokens as token_service
+    from app.services import users as user_service
+    from app.services.errors import DomainError
+
+    rt = build_runtime(_config())
+    try:
+        with rt.sessions() as session:
+            user_service.link_slack(
+                session,
+                principal=token_service.CLI,
+                user_name=user_name,
+                slack_user_id=slack_user_id,
+                clock=rt.clock,
+            )
+    except DomainError as exc:
+        raise click.ClickException(exc.message) from None
+    finally:
+        rt.close()
+    click.echo(f"Slack user {slack_user_id} is linked to {user_name}", err=True)
 
 
 @main.command()

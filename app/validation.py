@@ -119,7 +119,9 @@ def parse_duration(value: str) -> timedelta:
 
 
 def format_duration(seconds: int) -> str:
-    """Render seconds as the ISO 8601 duration clients send (`PT1H30M`)."""
+    """Render seconds as the ISO 8601 duration clients send (`PT1H30M`; nothing is `PT0S`)."""
+    if seconds == 0:
+        return "PT0S"
     return isodate.duration_isoformat(timedelta(seconds=seconds))  # type: ignore[no-any-return]
 
 

@@ -1,4 +1,5 @@
-"""The worker: APScheduler timers that run the sweeps of `app.services.grants`.
+"""The worker: APScheduler timers that run the sweeps of `app.services.grants` and, in a job of its own,
+the delivery of notifications (`app.notifier`), so a slow receiver never delays the closing of access.
 
 APScheduler is only the timer. The database holds every piece of state, so the scheduler keeps no job store,
 any number of workers may run at once on PostgreSQL, and a restarted worker simply carries on.
@@ -15,6 +16,7 @@ from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from app.notifier import Notifier
 from app.runtime import Runtime
 from app.services import grants
 
@@ -33,6 +35,7 @@ class Worker:
             provisioning_timeout=config.provisioning_timeout,
             reconcile_interval=config.reconcile_interval,
         )
+        self.notifier = Notifier(config, sessions=runtime.sessions, clock=runtime.clock)
         self._stopping = threading.Event()
         self._scheduler: BackgroundScheduler | None = None
 
@@ -51,28 +54,46 @@ class Worker:
             log.info("sweep took %.3fs: %s", time.monotonic() - started, report.counts)
         return report
 
+    def deliver_once(self) -> grants.Report:
+        """Deliver the notifications that are due (see `Notifier.deliver`)."""
+        started = time.monotonic()
+        report = self.notifier.deliver(stop=self._stopping.is_set)
+        if report.counts:
+            log.info("delivery took %.3fs: %s", time.monotonic() - started, report.counts)
+        return report
+
     def _safe_run(self) -> None:
         try:
             self.run_once()
         except Exception:  # noqa: BLE001 - the timer must keep firing whatever one sweep hit
             log.exception("sweep failed")
 
+    def _safe_deliver(self) -> None:
+        try:
+            self.deliver_once()
+        except Exception:  # noqa: BLE001 - as for sweeps
+            log.exception("notification delivery failed")
+
     def start(self) -> None:
-        """Start sweeping every DRAWBRIDGE_SWEEP_INTERVAL seconds in a background thread."""
+        """Start sweeping, and delivering notifications, every DRAWBRIDGE_SWEEP_INTERVAL seconds in
+        background threads: two jobs, each at most one run at a time, so neither waits for the other."""
         scheduler = BackgroundScheduler(timezone=UTC)
-        scheduler.add_job(
-            self._safe_run,
-            "interval",
-            seconds=self.runtime.config.sweep_interval,
-            id="sweep",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=None,
-            next_run_time=datetime.now(UTC),
-        )
+        for job, name in ((self._safe_run, "sweep"), (self._safe_deliver, "deliver")):
+            scheduler.add_job(
+                job,
+                "interval",
+                seconds=self.runtime.config.sweep_interval,
+                id=name,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+                next_run_time=datetime.now(UTC),
+            )
         scheduler.start()
         self._scheduler = scheduler
         log.info("worker sweeping every %ss", self.runtime.config.sweep_interval)
+        receivers = ", ".join(r.name for r in self.notifier.receivers) or "none configured"
+        log.info("notifications go to: %s", receivers)
 
     def stop(self) -> None:
         """Finish the row in hand, skip the rest of the sweep, and stop the timer."""
@@ -80,6 +101,7 @@ class Worker:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
+        self.notifier.close()
         log.info("worker stopped")
 
 

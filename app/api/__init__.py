@@ -11,8 +11,9 @@ from flask import Flask, Response
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
-from app.api import access_requests, audit_events, databases, health
+from app.api import access_requests, audit_events, databases, health, slack
 from app.api.context import close_session
+from app.api.idempotency import init_idempotency
 from app.api.problem import (
     PROBLEM_JSON,
     ProblemSchema,
@@ -63,6 +64,33 @@ class Api(flask_smorest.Api):  # type: ignore[misc]
         )
 
 
+def _document_headers(api: Api) -> None:
+    """Headers every bearer-authenticated operation understands: X-On-Behalf-Of (bot tokens), and
+    Idempotency-Key on each POST."""
+    on_behalf = {
+        "name": "X-On-Behalf-Of",
+        "in": "header",
+        "required": False,
+        "description": "With a bot token: the user to act for, whose own permissions then apply",
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$"},
+    }
+    idempotency_key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "Retries with the same key and body get the first answer; kept 24 hours per token",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+    }
+    for path, operations in api.spec._paths.items():
+        for method, operation in operations.items():
+            if method not in ("get", "post", "patch") or operation.get("security") == []:
+                continue
+            if path.startswith("/slack/"):
+                continue
+            extra = [on_behalf] + ([idempotency_key] if method == "post" else [])
+            operation["parameters"] = [*operation.get("parameters", []), *extra]
+
+
 def init_api(app: Flask) -> Api:
     app.json_provider_class = GuardedJSONProvider
     app.json = GuardedJSONProvider(app)
@@ -95,8 +123,10 @@ def init_api(app: Flask) -> Api:
         },
     )
     api = Api(app)
-    for module in (health, databases, access_requests, audit_events):
+    for module in (health, databases, access_requests, audit_events, slack):
         api.register_blueprint(module.blp)
+    _document_headers(api)
     app.register_error_handler(DomainError, from_domain_error)
+    init_idempotency(app)
     app.teardown_appcontext(close_session)
     return api

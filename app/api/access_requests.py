@@ -8,7 +8,7 @@ from typing import Any
 from flask.views import MethodView
 
 from app.api.blueprint import Blueprint
-from app.api.context import principal, runtime, session
+from app.api.context import caller_address, principal, runtime, session
 from app.api.schemas import (
     AccessRequestCreateSchema,
     AccessRequestListSchema,
@@ -17,6 +17,7 @@ from app.api.schemas import (
     ApproveSchema,
     DenySchema,
     EndSchema,
+    ExtendSchema,
     request_dict,
 )
 from app.models import RequestStatus
@@ -56,11 +57,14 @@ class AccessRequestCollection(MethodView):
         """Ask for access (requester). The request starts pending until enough others approve it."""
         who = principal()
         rt = runtime()
+        cidr = data["cidr"]
+        if cidr.strip().lower() == "auto":
+            cidr = caller_address(who)
         request = access.request_access(
             session(),
             principal=who,
             database=data["database"],
-            cidr=data["cidr"],
+            cidr=cidr,
             duration=data.get("duration"),
             reason=data["reason"],
             min_duration=rt.config.min_duration,
@@ -143,5 +147,19 @@ def revoke(data: dict[str, Any], request_id: uuid.UUID) -> dict[str, Any]:
         request_id=request_id,
         reason=data.get("reason"),
         clock=runtime().clock,
+    )
+    return request_dict(request)
+
+
+@blp.route("/<uuid:request_id>/extend", methods=["POST"])
+@blp.arguments(ExtendSchema)
+@blp.response(200, AccessRequestSchema)
+@blp.errors(400, 401, 403, 404, 409, 413, 415)
+def extend(data: dict[str, Any], request_id: uuid.UUID) -> dict[str, Any]:
+    """Ask for more time on active access (its requester, or an admin). Within the policy's self-extension
+    allowance it applies at once; beyond, approvers decide it as they decide requests (approve / deny)."""
+    who = principal()
+    request = access.extend(
+        session(), principal=who, request_id=request_id, duration=data["duration"], clock=runtime().clock
     )
     return request_dict(request)

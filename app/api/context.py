@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from flask import current_app, g, request
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import Unauthorized
 
+from app.models import Role
 from app.runtime import Runtime
 from app.services import tokens
+from app.services.errors import InvalidRequest, PermissionDenied
 from app.services.identity import Principal
+from app.validation import InvalidInput, check_user_name
+
+ON_BEHALF_OF = "X-On-Behalf-Of"
 
 
 def runtime() -> Runtime:
@@ -49,8 +56,44 @@ def principal() -> Principal:
         raise NotAuthenticated("the Authorization header must be Bearer <token>")
     db = session()
     found_principal = tokens.authenticate(db, presented=presented.strip())
-    db.rollback()  # end the read transaction; services start their own
     if found_principal is None:
+        db.rollback()
         raise NotAuthenticated("the API token is not valid or has been revoked")
+    found_principal = _on_behalf(db, found_principal)
+    db.rollback()  # end the read transaction; services start their own
     g.principal = found_principal
     return found_principal
+
+
+def _on_behalf(db: Session, caller: Principal) -> Principal:
+    """A bot token acts for the user named in X-On-Behalf-Of, with that user's own permissions; without
+    the header it can do nothing. Other tokens may not send the header at all."""
+    target = request.headers.get(ON_BEHALF_OF)
+    is_bot = caller.has(Role.BOT)
+    if target is None:
+        if is_bot:
+            return replace(caller, roles=frozenset({Role.BOT}))
+        return caller
+    if not is_bot:
+        raise PermissionDenied(f"only bot tokens may send {ON_BEHALF_OF}")
+    try:
+        check_user_name(target)
+    except InvalidInput as exc:
+        raise InvalidRequest(str(exc), field=ON_BEHALF_OF) from None
+    acting = tokens.acting_for(db, user_name=target, bot=caller, source=caller.source)
+    if acting is None:
+        raise PermissionDenied(f"{ON_BEHALF_OF} names no Drawbridge user")
+    if acting.user_id == caller.user_id:
+        raise PermissionDenied("a bot cannot act on behalf of itself")
+    return acting
+
+
+def caller_address(who: Principal) -> str:
+    """The caller's address as seen through DRAWBRIDGE_TRUSTED_PROXIES proxy hops, for `"cidr": "auto"`.
+    Refused for bots, whose own address says nothing about the person they act for."""
+    if who.bot_name is not None or who.has(Role.BOT):
+        raise InvalidRequest("a bot must send an explicit CIDR, not auto", field="cidr")
+    address = request.remote_addr
+    if not address:
+        raise InvalidRequest("the caller's address is unknown; send an explicit CIDR", field="cidr")
+    return address

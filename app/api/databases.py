@@ -26,10 +26,20 @@ blp = Blueprint(
 )
 
 
+_NULL_MEANS = {
+    "reason_pattern": "",
+    "approvers": {},
+    "auto_approve": [],
+    "self_extension": 0,
+    "warn_before": 0,
+}
+
+
 def _policy(data: dict[str, Any]) -> Policy:
     given = {key: data[key] for key in POLICY_FIELDS if key in data}
-    if "reason_pattern" in given and given["reason_pattern"] is None:
-        given["reason_pattern"] = ""  # explicit null clears the pattern
+    for key, cleared in _NULL_MEANS.items():
+        if key in given and given[key] is None:
+            given[key] = cleared  # an explicit null turns the setting off
     return Policy(**given)
 
 

@@ -66,6 +66,28 @@ def Timestamp(**kwargs: Any) -> fields.AwareDateTime:  # noqa: N802 - a field fa
 # -- databases ---------------------------------------------------------------------------------------------
 
 
+class ApproversSchema(StrictSchema):
+    users = fields.List(fields.String(validate=validate.Length(1, 64)), validate=validate.Length(max=100))
+    roles = fields.List(
+        fields.String(validate=validate.OneOf(["requester", "approver", "auditor", "admin"])),
+        validate=validate.Length(max=4),
+    )
+
+    @ma.validates_schema
+    def _not_empty(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if not (data.get("users") or data.get("roles")):
+            raise ma.ValidationError("name at least one user or role (or send null to allow any approver)")
+
+
+class AutoApproveRuleSchema(StrictSchema):
+    users = fields.List(
+        fields.String(validate=validate.Length(1, 64)),
+        validate=validate.Length(min=1, max=100),
+        metadata={"description": "Requests by these users match (any user when absent)"},
+    )
+    max_duration = Duration(metadata={"description": "Requests at most this long match (any when absent)"})
+
+
 class PolicyFieldsMixin:
     default_duration = Duration(metadata={"description": "Duration granted when a request gives none"})
     max_duration = Duration(metadata={"description": "Longest duration one request may ask for"})
@@ -91,6 +113,25 @@ class PolicyFieldsMixin:
     rule_headroom = fields.Integer(
         validate=validate.Range(0, 59),
         metadata={"description": "Heroku rule slots (of 60) kept free on this database"},
+    )
+    approvers = fields.Nested(
+        ApproversSchema,
+        allow_none=True,
+        metadata={"description": "Who may approve: listed users and/or roles (null: anyone with approver)"},
+    )
+    auto_approve = fields.List(
+        fields.Nested(AutoApproveRuleSchema),
+        allow_none=True,
+        validate=validate.Length(max=20),
+        metadata={"description": "Requests matching any rule are approved by policy (null: none are)"},
+    )
+    self_extension = Duration(
+        allow_none=True,
+        metadata={"description": "Time a requester may add to live access without approval (null: none)"},
+    )
+    warn_before = Duration(
+        allow_none=True,
+        metadata={"description": "How long before access ends its holder is warned (null: not warned)"},
     )
 
 
@@ -130,6 +171,10 @@ class DatabaseSchema(ma.Schema):
     approval_window = Duration()
     reason_pattern = fields.String(allow_none=True)
     rule_headroom = fields.Integer()
+    approvers = fields.Nested(ApproversSchema, allow_none=True)
+    auto_approve = fields.List(fields.Nested(AutoApproveRuleSchema), allow_none=True)
+    self_extension = Duration()
+    warn_before = Duration()
     created_at = Timestamp()
     updated_at = Timestamp()
 
@@ -151,7 +196,7 @@ class AccessRequestCreateSchema(StrictSchema):
         required=True,
         validate=validate.Length(1, 43),
         metadata={
-            "description": "IPv4 address or CIDR; a bare address means /32",
+            "description": "IPv4 address or CIDR (a bare address is /32), or `auto` for the caller's own",
             "example": "8.8.8.8/32",
         },
     )
@@ -177,8 +222,17 @@ class EndSchema(StrictSchema):
     reason = Text(allow_none=True)
 
 
+class ExtendSchema(StrictSchema):
+    duration = fields.String(
+        required=True,
+        validate=validate.Length(1, 40),
+        metadata={"description": "Time to add: ISO 8601 (PT1H) or shorthand (30m, 1h)", "example": "PT1H"},
+    )
+
+
 class ApprovalSchema(ma.Schema):
     approver = fields.String()
+    round = fields.Integer(metadata={"description": "0 for the request, k for its k-th extension"})
     comment = fields.String(allow_none=True)
     approved_at = Timestamp()
 
@@ -206,6 +260,9 @@ class AccessRequestSchema(ma.Schema):
     expires_at = Timestamp(allow_none=True)
     ended_at = Timestamp(allow_none=True)
     end_reason = fields.String(allow_none=True)
+    pending_extension = Duration(
+        allow_none=True, metadata={"description": "Extra time asked for, waiting for approvers"}
+    )
     ip_rule = fields.Nested(
         RuleSummarySchema,
         allow_none=True,
@@ -243,7 +300,7 @@ def request_dict(request: AccessRequest) -> dict[str, Any]:
         "duration": request.duration,
         "status": request.status.value,
         "approvals": [
-            {"approver": a.approver.name, "comment": a.comment, "approved_at": a.created_at}
+            {"approver": a.approver.name, "round": a.round, "comment": a.comment, "approved_at": a.created_at}
             for a in request.approvals
         ],
         "approvals_required": request.database.approvals_required,
@@ -253,6 +310,7 @@ def request_dict(request: AccessRequest) -> dict[str, Any]:
         "expires_at": request.expires_at,
         "ended_at": request.ended_at,
         "end_reason": request.end_reason,
+        "pending_extension": request.pending_extension,
         "ip_rule": (
             {
                 "id": request.ip_rule.id,

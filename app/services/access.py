@@ -169,9 +169,47 @@ def request_access(
         request=request,
         details={"cidr": network, "duration": seconds, "reason": text, "status": "pending"},
     )
-    notify.enqueue(session, event="request_created", request=request, at=now, actor=principal.actor)
+    matched = _auto_approval(db, principal, seconds)
+    if matched is None:
+        notify.enqueue(session, event="request_created", request=request, at=now, actor=principal.actor)
+    else:
+        transition(
+            session, request, expected={RequestStatus.PENDING}, to=RequestStatus.APPROVED, decided_at=now
+        )
+        audit.record(
+            session,
+            principal=POLICY,
+            action="access_request:auto_approve",
+            at=now,
+            request=request,
+            details={"rule": matched, "policy": (db.auto_approve or [])[matched], "status": "approved"},
+        )
+        notify.enqueue(
+            session,
+            event="request_decided",
+            request=request,
+            at=now,
+            actor=POLICY.actor,
+            decision="approved by policy",
+        )
     session.commit()
     return request
+
+
+POLICY = Principal(user_id=0, name="policy", roles=frozenset(), source="policy")
+
+
+def _auto_approval(db: Database, principal: Principal, seconds: int) -> int | None:
+    """The index of the first auto-approval rule the request matches, or None (people must decide)."""
+    for index, rule in enumerate(db.auto_approve or []):
+        users = rule.get("users")
+        limit = rule.get("max_duration")
+        if users is not None and principal.name not in users:
+            continue
+        if limit is not None and seconds > limit:
+            continue
+        return index
+    return None
 
 
 def _lock(session: Session, request_id: uuid.UUID) -> AccessRequest:
@@ -217,6 +255,31 @@ def transition(
     session.refresh(request)
 
 
+def _may_approve(principal: Principal, db: Database) -> None:
+    """The approver role is needed; a database's `approvers` policy narrows it to listed users or roles."""
+    principal.require(Role.APPROVER)
+    allowed = db.approvers
+    if allowed is None:
+        return
+    if principal.name in (allowed.get("users") or []):
+        return
+    if principal.has(*(Role(r) for r in allowed.get("roles") or [])):
+        return
+    raise PermissionDenied(f"you are not among the approvers of {db.name}")
+
+
+def _decision(request: AccessRequest) -> str:
+    """What an approval or denial decides: the request itself, or its pending extension."""
+    if request.status is RequestStatus.PENDING:
+        return "request"
+    if request.status is RequestStatus.ACTIVE and request.pending_extension:
+        return "extension"
+    raise InvalidTransition(
+        f"the request is {request.status.value}; there is nothing to decide",
+        request_status=request.status.value,
+    )
+
+
 def approve(
     session: Session,
     *,
@@ -225,21 +288,22 @@ def approve(
     comment: str | None,
     clock: Clock,
 ) -> AccessRequest:
-    """Record `principal`'s approval; once the policy's quorum of distinct approvers is reached the request
-    becomes approved. Commits the approval, any transition and one audit event together.
+    """Record `principal`'s approval of a pending request, or of an active request's pending extension.
+    Once the policy's quorum of distinct approvers is reached the request becomes approved (or the
+    extension is applied). Commits the approval, any change and one audit event together.
 
-    Raises SelfApprovalForbidden, InvalidTransition (not pending), AlreadyApproved, RequestNotFound.
+    Raises SelfApprovalForbidden, PermissionDenied (not an approver of this database), InvalidTransition
+    (nothing to decide), AlreadyApproved, RequestNotFound.
     """
     principal.require(Role.APPROVER)
     request = _lock(session, request_id)
     if request.requester_id == principal.user_id:
         raise SelfApprovalForbidden("you cannot approve your own request; someone else must")
-    if request.status is not RequestStatus.PENDING:
-        raise InvalidTransition(
-            f"the request is already {request.status.value}", request_status=request.status.value
-        )
-    if any(a.approver_id == principal.user_id for a in request.approvals):
-        raise AlreadyApproved("you have already approved this request")
+    _may_approve(principal, request.database)
+    deciding = _decision(request)
+    round_ = request.approval_round
+    if any(a.approver_id == principal.user_id and a.round == round_ for a in request.approvals):
+        raise AlreadyApproved(f"you have already approved this {deciding}")
     now = clock.now()
     note = _clean_comment(comment, "comment")
     session.add(
@@ -247,6 +311,7 @@ def approve(
             request_id=request.id,
             requester_id=request.requester_id,
             approver_id=principal.user_id,
+            round=round_,
             comment=note,
             created_at=now,
         )
@@ -255,41 +320,49 @@ def approve(
         session.flush()
     except IntegrityError:
         session.rollback()
-        raise AlreadyApproved("you have already approved this request") from None
+        raise AlreadyApproved(f"you have already approved this {deciding}") from None
     count = session.scalar(
-        select(func.count()).select_from(Approval).where(Approval.request_id == request.id)
+        select(func.count())
+        .select_from(Approval)
+        .where(Approval.request_id == request.id, Approval.round == round_)
     )
     required = request.database.approvals_required
-    if (count or 0) >= required:
-        transition(
+    reached = (count or 0) >= required
+    details: dict[str, Any] = {"comment": note, "approvals": count, "approvals_required": required}
+    if deciding == "request":
+        if reached:
+            transition(
+                session, request, expected={RequestStatus.PENDING}, to=RequestStatus.APPROVED, decided_at=now
+            )
+        audit.record(
             session,
-            request,
-            expected={RequestStatus.PENDING},
-            to=RequestStatus.APPROVED,
-            decided_at=now,
-        )
-    audit.record(
-        session,
-        principal=principal,
-        action="access_request:approve",
-        at=now,
-        request=request,
-        details={
-            "comment": note,
-            "approvals": count,
-            "approvals_required": required,
-            "status": request.status.value,
-        },
-    )
-    if request.status.value == RequestStatus.APPROVED.value:  # transition() refreshed it
-        notify.enqueue(
-            session,
-            event="request_decided",
-            request=request,
+            principal=principal,
+            action="access_request:approve",
             at=now,
-            actor=principal.actor,
-            decision="approved",
+            request=request,
+            details={**details, "status": request.status.value},
         )
+        if reached:
+            notify.enqueue(
+                session,
+                event="request_decided",
+                request=request,
+                at=now,
+                actor=principal.actor,
+                decision="approved",
+            )
+    else:
+        added = request.pending_extension or 0
+        audit.record(
+            session,
+            principal=principal,
+            action="access_request:approve_extension",
+            at=now,
+            request=request,
+            details={**details, "extension": added, "round": round_},
+        )
+        if reached:
+            _apply_extension(session, request, added=added, now=now, by=principal, self_service=False)
     session.commit()
     session.refresh(request)
     return request
@@ -303,13 +376,39 @@ def deny(
     reason: str,
     clock: Clock,
 ) -> AccessRequest:
-    """Deny a pending request; commit with its audit event. The requester cannot deny (they cancel)."""
+    """Deny a pending request, or an active request's pending extension (the access itself stays); commit
+    with its audit event. The requester cannot deny their own (they cancel)."""
     principal.require(Role.APPROVER)
     request = _lock(session, request_id)
     if request.requester_id == principal.user_id:
         raise SelfApprovalForbidden("you cannot decide your own request; cancel it instead")
+    _may_approve(principal, request.database)
+    deciding = _decision(request)
     text = _clean_comment(reason, "reason", required=True)
     now = clock.now()
+    if deciding == "extension":
+        added = request.pending_extension
+        request.pending_extension = None
+        audit.record(
+            session,
+            principal=principal,
+            action="access_request:deny_extension",
+            at=now,
+            request=request,
+            details={"reason": text, "extension": added, "round": request.approval_round},
+        )
+        notify.enqueue(
+            session,
+            event="extension_decided",
+            request=request,
+            at=now,
+            actor=principal.actor,
+            decision="denied",
+            reason=text,
+            extension=added,
+        )
+        session.commit()
+        return request
     transition(
         session,
         request,
@@ -337,6 +436,104 @@ def deny(
         reason=text,
     )
     session.commit()
+    return request
+
+
+def _apply_extension(
+    session: Session, request: AccessRequest, *, added: int, now: datetime, by: Principal, self_service: bool
+) -> None:
+    """Move `expires_at` (the rule stays in place) and announce it; the caller commits."""
+    assert request.expires_at is not None
+    request.duration += added
+    request.expires_at = request.expires_at + timedelta(seconds=added)
+    request.pending_extension = None
+    request.warned_at = None  # warn again before the new end
+    if self_service:
+        request.self_extended += added
+    audit.record(
+        session,
+        principal=by,
+        action="access_request:extend",
+        at=now,
+        request=request,
+        details={
+            "added": added,
+            "duration": request.duration,
+            "expires_at": request.expires_at.isoformat(),
+            "approved_by": "policy (self-extension)" if self_service else "approvers",
+        },
+    )
+    notify.enqueue(
+        session,
+        event="extension_decided",
+        request=request,
+        at=now,
+        actor=by.actor,
+        decision="approved",
+        extension=added,
+    )
+
+
+def extend(
+    session: Session,
+    *,
+    principal: Principal,
+    request_id: uuid.UUID,
+    duration: str,
+    clock: Clock,
+) -> AccessRequest:
+    """Ask for `duration` more on an active request, within the policy's maximum in total. Up to the
+    policy's `self_extension` it applies at once; beyond, it waits for approvers like a new request.
+    The rule stays in place; only `expires_at` moves. Commits with its audit event.
+
+    Raises InvalidTransition (not active, or an extension already waits), PolicyViolation (past the
+    maximum), InvalidRequest (bad duration), RequestNotFound, PermissionDenied.
+    """
+    principal.require(Role.REQUESTER, Role.ADMIN)
+    request = _load_own(session, principal, request_id)
+    if request.status is not RequestStatus.ACTIVE:
+        raise InvalidTransition(
+            f"only active access can be extended; the request is {request.status.value}",
+            request_status=request.status.value,
+        )
+    if request.pending_extension:
+        raise InvalidTransition("an extension of this request already waits for approval")
+    try:
+        added = int(parse_duration(duration).total_seconds())
+    except InvalidInput as exc:
+        raise _invalid(exc, "duration") from None
+    db = request.database
+    if request.duration + added > db.max_duration:
+        room = max(0, db.max_duration - request.duration)
+        raise PolicyViolation(
+            f"{db.name} allows at most {timedelta(seconds=db.max_duration)} in total; "
+            f"this request can be extended by {timedelta(seconds=room)} more",
+            field="duration",
+        )
+    now = clock.now()
+    if request.self_extended + added <= db.self_extension:
+        _apply_extension(session, request, added=added, now=now, by=principal, self_service=True)
+    else:
+        request.pending_extension = added
+        request.approval_round += 1
+        audit.record(
+            session,
+            principal=principal,
+            action="access_request:request_extension",
+            at=now,
+            request=request,
+            details={"extension": added, "round": request.approval_round},
+        )
+        notify.enqueue(
+            session,
+            event="extension_requested",
+            request=request,
+            at=now,
+            actor=principal.actor,
+            extension=added,
+        )
+    session.commit()
+    session.refresh(request)
     return request
 
 

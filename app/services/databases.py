@@ -30,7 +30,7 @@ from app.services.errors import (
     InvalidRequest,
 )
 from app.services.identity import Principal
-from app.validation import InvalidInput, check_database_name, check_heroku_name
+from app.validation import InvalidInput, check_database_name, check_heroku_name, check_user_name
 
 POSTGRES_SERVICE = "heroku-postgresql"
 
@@ -47,6 +47,12 @@ class Policy:
     approval_window: int | None = None
     reason_pattern: str | None = None
     rule_headroom: int | None = None
+    approvers: dict[str, Any] | None = None
+    """{"users": [...], "roles": [...]}; {} clears it (anyone with the approver role)."""
+    auto_approve: list[dict[str, Any]] | None = None
+    """[{"users": [...], "max_duration": seconds}, ...]; [] clears it (people decide everything)."""
+    self_extension: int | None = None
+    warn_before: int | None = None
 
     def given(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -82,12 +88,55 @@ def _check_policy(db: Database, *, min_duration: int) -> None:
             raise InvalidRequest(
                 f"reason_pattern is not a valid regular expression: {exc}", field="reason_pattern"
             ) from None
+    _check_access_rules(db)
+
+
+_CLEARED: dict[str, Any] = {"reason_pattern": "", "approvers": {}, "auto_approve": []}
+
+
+def _check_access_rules(db: Database) -> None:
+    """Who may approve, and which requests policy approves: names, roles and durations must make sense."""
+    if db.approvers is not None:
+        unknown = set(db.approvers) - {"users", "roles"}
+        if unknown or not (db.approvers.get("users") or db.approvers.get("roles")):
+            raise InvalidRequest(
+                'approvers must be {"users": [...], "roles": [...]} with at least one entry',
+                field="approvers",
+            )
+        for name in db.approvers.get("users") or []:
+            try:
+                check_user_name(name)
+            except InvalidInput as exc:
+                raise InvalidRequest(str(exc), field="approvers") from None
+        for role in db.approvers.get("roles") or []:
+            if role not in {r.value for r in Role} - {Role.BOT.value}:
+                raise InvalidRequest(f"{role!r} is not a role that can approve", field="approvers")
+    for index, rule in enumerate(db.auto_approve or []):
+        if not rule or set(rule) - {"users", "max_duration"}:
+            raise InvalidRequest(
+                f"auto_approve rule {index} must name users, a max_duration, or both", field="auto_approve"
+            )
+        for name in rule.get("users") or []:
+            try:
+                check_user_name(name)
+            except InvalidInput as exc:
+                raise InvalidRequest(str(exc), field="auto_approve") from None
+        limit = rule.get("max_duration")
+        if limit is not None and not 0 < limit <= db.max_duration:
+            raise InvalidRequest(
+                f"auto_approve rule {index}: max_duration must be within the database's max_duration",
+                field="auto_approve",
+            )
+    if not 0 <= db.self_extension <= db.max_duration:
+        raise InvalidRequest("self_extension must be between 0 and max_duration", field="self_extension")
+    if not 0 <= db.warn_before <= 24 * 3600:
+        raise InvalidRequest("warn_before must be between 0 and 24 hours", field="warn_before")
 
 
 def _apply(db: Database, policy: Policy) -> dict[str, Any]:
     changes: dict[str, Any] = {}
     for key, value in policy.given().items():
-        if key == "reason_pattern" and value == "":
+        if key in _CLEARED and value == _CLEARED[key]:
             value = None
         if getattr(db, key) != value:
             changes[key] = {"from": getattr(db, key), "to": value}
@@ -161,6 +210,10 @@ def register_database(
         approval_window=24 * 3600,
         reason_pattern=None,
         rule_headroom=5,
+        approvers=None,
+        auto_approve=None,
+        self_extension=0,
+        warn_before=600,
     )
     _apply(candidate, policy)
     _check_policy(candidate, min_duration=min_duration)

@@ -1181,6 +1181,7 @@ def sweep(
         ("expire", expire_requests, common),
         ("release", release_rules, common),
         ("delete", delete_rules, remote),
+        ("warn", notify.warn_before_end, common),
         ("time_out", time_out_pending, common),
         *([("reconcile", reconcile, remote)] if with_reconcile else []),
         ("provision", provision_requests, {**common, "stop": stop}),

@@ -63,7 +63,7 @@ def test_a_request_is_asked_approved_by_someone_else_and_audited(
     result = approved.get_json()
     assert result["status"] == "approved"
     assert result["approvals"] == [
-        {"approver": "bob", "comment": "go ahead", "approved_at": result["decided_at"]}
+        {"approver": "bob", "round": 0, "comment": "go ahead", "approved_at": result["decided_at"]}
     ]
     assert actions(runtime, body["id"]) == [
         ("access_request:create", "alice"),

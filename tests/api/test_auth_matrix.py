@@ -29,6 +29,7 @@ ENDPOINTS: list[tuple[str, str, dict[str, Any] | None, set[str]]] = [
     ("POST", f"/access-requests/{MISSING}/deny", {"reason": "no"}, {"approver"}),
     ("POST", f"/access-requests/{MISSING}/cancel", {}, {"requester", "admin"}),
     ("POST", f"/access-requests/{MISSING}/revoke", {}, {"requester", "admin"}),
+    ("POST", f"/access-requests/{MISSING}/extend", {"duration": "1h"}, {"requester", "admin"}),
     ("GET", "/audit-events", None, {"auditor", "admin"}),
 ]
 
