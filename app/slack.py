@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
 
 SIGNATURE_VERSION = "v0"
 MAX_CLOCK_SKEW = 300
@@ -21,6 +26,8 @@ SHORT_ID = 8
 _SIGNATURE = re.compile(r"^v0=[0-9a-f]{64}$")
 _TIMESTAMP = re.compile(r"^[0-9]{1,12}$")
 _ID = re.compile(r"^[0-9a-f-]{1,36}$")
+
+log = logging.getLogger(__name__)
 
 
 class SignatureError(Exception):
@@ -222,6 +229,8 @@ class ButtonAction:
     action_id: str
     value: str
     slack_user_id: str
+    response_url: str | None = None
+    """Where Slack takes the updated message: the only way to change it after a button click."""
 
 
 def parse_interaction(payload: Any) -> ButtonAction | None:
@@ -243,7 +252,32 @@ def parse_interaction(payload: Any) -> ButtonAction | None:
     action_id, value = action.get("action_id"), action.get("value")
     if not isinstance(action_id, str) or not isinstance(value, str):
         raise PayloadError("the action has no action_id or value")
-    return ButtonAction(action_id=action_id, value=value, slack_user_id=user["id"])
+    url = payload.get("response_url")
+    return ButtonAction(
+        action_id=action_id,
+        value=value,
+        slack_user_id=user["id"],
+        response_url=url if isinstance(url, str) and is_slack_response_url(url) else None,
+    )
+
+
+def is_slack_response_url(url: str) -> bool:
+    """Only Slack's own https hooks are ever posted to, whatever a payload says."""
+    parts = urlsplit(url)
+    return parts.scheme == "https" and parts.hostname == "hooks.slack.com" and parts.port is None
+
+
+def post_response(url: str, message: dict[str, Any], *, timeout: float = 3.0) -> None:
+    """Update the clicked message through its response_url, in the background so Slack's three-second
+    answer is never held up. Best effort: the decision is already committed, audited and announced."""
+
+    def send() -> None:
+        try:
+            httpx.post(url, json=message, timeout=timeout).raise_for_status()
+        except httpx.HTTPError as exc:
+            log.warning("could not update the Slack message: %s", type(exc).__name__)
+
+    threading.Thread(target=send, name="slack-response", daemon=True).start()
 
 
 # -- replies -------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from app.notifier import Notifier
 from app.runtime import Runtime
-from app.services import grants
+from app.services import grants, idempotency
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class Worker:
         )
         self.notifier = Notifier(config, sessions=runtime.sessions, clock=runtime.clock)
         self._stopping = threading.Event()
+        self._purged_at = 0.0
         self._scheduler: BackgroundScheduler | None = None
 
     def run_once(self) -> grants.Report:
@@ -58,6 +59,12 @@ class Worker:
         """Deliver the notifications that are due (see `Notifier.deliver`)."""
         started = time.monotonic()
         report = self.notifier.deliver(stop=self._stopping.is_set)
+        if time.monotonic() - self._purged_at > 60:
+            self._purged_at = time.monotonic()
+            report.add(
+                "idempotency_keys_purged",
+                idempotency.purge_expired(self.runtime.sessions, now=self.runtime.clock.now()),
+            )
         if report.counts:
             log.info("delivery took %.3fs: %s", time.monotonic() - started, report.counts)
         return report

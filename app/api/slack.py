@@ -316,14 +316,19 @@ def interactions() -> dict[str, Any]:
     view = notify.request_view(decided)
     if slack.awaits_decision(view):
         # More approvals are needed: keep the buttons for the next approver, with the new count.
-        return {"replace_original": True, **slack.request_message(view)}
-    mark = ":white_check_mark:" if action.action_id == "approve" else ":no_entry:"
-    verb = "approved" if action.action_id == "approve" else "denied"
-    what = "more time for " if view["status"] == "active" else ""
-    return {
-        "replace_original": True,
-        "text": f"{mark} {slack.escape(who.name)} {verb} {what}{slack.request_line(view)}",
-    }
+        reply = {"replace_original": True, **slack.request_message(view)}
+    else:
+        mark = ":white_check_mark:" if action.action_id == "approve" else ":no_entry:"
+        verb = "approved" if action.action_id == "approve" else "denied"
+        what = "more time for " if view["status"] == "active" else ""
+        reply = {
+            "replace_original": True,
+            "text": f"{mark} {slack.escape(who.name)} {verb} {what}{slack.request_line(view)}",
+        }
+    if action.response_url:
+        # Slack updates a message after a block action only through its response_url.
+        slack.post_response(action.response_url, reply)
+    return reply
 
 
 def _refusal(text: str) -> dict[str, Any]:

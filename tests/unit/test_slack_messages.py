@@ -132,3 +132,26 @@ def test_a_button_click_payload_yields_its_action_value_and_user() -> None:
 def test_a_malformed_button_payload_is_refused(payload: Any) -> None:
     with pytest.raises(slack.PayloadError):
         slack.parse_interaction(payload)
+
+
+def test_only_slacks_own_https_hooks_are_taken_as_response_urls() -> None:
+    from app.slack import is_slack_response_url, parse_interaction
+
+    assert is_slack_response_url("https://hooks.slack.com/actions/T1/123/abc")
+    for url in (
+        "http://hooks.slack.com/actions/T1/123/abc",
+        "https://hooks.slack.com.evil.example/actions",
+        "https://evil.example/?https://hooks.slack.com/",
+        "https://hooks.slack.com:8443/actions",
+        "file:///etc/passwd",
+    ):
+        assert not is_slack_response_url(url), url
+    payload = {
+        "type": "block_actions",
+        "user": {"id": "U1"},
+        "actions": [{"action_id": "approve", "value": "x"}],
+        "response_url": "https://169.254.169.254/latest/meta-data",
+    }
+    assert parse_interaction(payload).response_url is None  # type: ignore[union-attr]
+    payload["response_url"] = "https://hooks.slack.com/actions/T1/1/x"
+    assert parse_interaction(payload).response_url == "https://hooks.slack.com/actions/T1/1/x"  # type: ignore[union-attr]
