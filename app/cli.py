@@ -279,6 +279,76 @@ def simulator(
     waitress.serve(sim, host=host, port=port, threads=8, ident="heroku-simulator")
 
 
+@main.group()
+def audit() -> None:
+    """The audit log: verify its hash chain, export it."""
+
+
+@audit.command("verify")
+def audit_verify() -> None:
+    """Check the audit log's hash chain; exit 0 when intact, 1 with the first broken link otherwise."""
+    import json
+
+    from app.runtime import build_runtime
+    from app.services import audit as audit_service
+
+    rt = build_runtime(_config())
+    try:
+        with rt.sessions() as session:
+            result = audit_service.verify(session)
+    finally:
+        rt.close()
+    click.echo(
+        json.dumps(
+            {"ok": result.ok, "count": result.count, "head": result.head, "first_broken": result.first_broken}
+        )
+    )
+    if not result.ok:
+        raise SystemExit(1)
+
+
+def _moment(value: str | None) -> Any:
+    from datetime import UTC, datetime
+
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time such as 2026-03-01T00:00:00Z") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+@audit.command("export")
+@click.option("--format", "fmt", type=click.Choice(["csv", "ndjson"]), required=True)
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--since", help="Events at or after this time (ISO 8601; UTC when no offset is given).")
+@click.option("--until", help="Events before this time.")
+def audit_export(fmt: str, output: Path, since: str | None, until: str | None) -> None:
+    """Export audit events to a file, with the chain head in OUTPUT.chain.json so it can be checked later."""
+    import json
+
+    from app.runtime import build_runtime
+    from app.services import export
+    from app.services.audit import EventFilter
+
+    filters = EventFilter(since=_moment(since), until=_moment(until))
+    rt = build_runtime(_config())
+    try:
+        with rt.sessions() as session, output.open("w", encoding="utf-8", newline="") as out:
+            total = export.count(session, filters)
+            if sys.stderr.isatty():
+                with click.progressbar(length=total, label="exporting", file=sys.stderr) as bar:
+                    summary = export.write(session, out, fmt=fmt, filters=filters, progress=bar.update)
+            else:
+                summary = export.write(session, out, fmt=fmt, filters=filters)
+    finally:
+        rt.close()
+    sidecar = output.with_name(output.name + ".chain.json")
+    sidecar.write_text(json.dumps(summary, indent=2) + "\n")
+    click.echo(f"wrote {summary['count']} events to {output} (chain head in {sidecar})", err=True)
+
+
 @main.command()
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file.")
 def openapi(output: Path | None) -> None:

@@ -348,19 +348,31 @@ class Approval(Base):
 
 
 class AuditEvent(Base):
-    """Append-only record of one state change, written in the transaction of the change itself."""
+    """Append-only record of one state change, written in the transaction of the change itself.
+
+    Events form a hash chain in `seq` order: each `hash` covers the event's content and the previous
+    event's hash, so an edited, deleted or reordered row breaks every link after it.
+    """
 
     __tablename__ = "audit_events"
     __table_args__ = (
         CheckConstraint("action LIKE '%:%'", name="action_is_tagged"),
-        Index("ix_audit_events_occurred_at", "occurred_at"),
-        Index("ix_audit_events_actor_id", "actor", "id"),
-        Index("ix_audit_events_database_id", "database", "id"),
-        Index("ix_audit_events_action_id", "action", "id"),
-        Index("ix_audit_events_request_id_id", "request_id", "id"),
+        CheckConstraint("seq >= 1", name="seq_positive"),
+        CheckConstraint("length(hash) = 64 AND length(prev_hash) = 64", name="hash_lengths"),
+        UniqueConstraint("seq"),
+        Index("ix_audit_events_occurred_at_seq", "occurred_at", "seq"),
+        Index("ix_audit_events_actor_seq", "actor", "seq"),
+        Index("ix_audit_events_on_behalf_of_seq", "on_behalf_of", "seq"),
+        Index("ix_audit_events_database_seq", "database", "seq"),
+        Index("ix_audit_events_action_seq", "action", "seq"),
+        Index("ix_audit_events_request_id_seq", "request_id", "seq"),
     )
 
     id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    """Position in the chain: consecutive, and in commit order (writers take turns to append)."""
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime())
     actor: Mapped[str] = mapped_column(String(64))
     on_behalf_of: Mapped[str | None] = mapped_column(String(64))

@@ -19,6 +19,7 @@ from app.api.schemas import (
     AUDIT_COLUMNS,
     AuditEventListSchema,
     AuditQuerySchema,
+    VerificationSchema,
     audit_row,
 )
 from app.models import AuditEvent
@@ -126,3 +127,21 @@ class AuditEventCollection(MethodView):
             limit=args["limit"],
         )
         return {"items": [audit_row(e) for e in page.items], "next_cursor": page.next_cursor}
+
+
+@blp.route("/verify")
+class AuditChainVerification(MethodView):
+    @blp.response(200, VerificationSchema)
+    @blp.errors(401, 403)
+    def get(self) -> dict[str, Any]:
+        """Check the whole hash chain (auditor, admin): `ok`, how many events were checked, the chain head,
+        and the first broken link if any."""
+        who = principal()
+        audit.require_auditor(who)
+        result = audit.verify(session())
+        return {
+            "ok": result.ok,
+            "count": result.count,
+            "head": result.head,
+            "first_broken": result.first_broken,
+        }

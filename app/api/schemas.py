@@ -332,6 +332,67 @@ def _waiting_for(request: AccessRequest) -> str | None:
     return None
 
 
+# -- reports ---------------------------------------------------------------------------------------------
+
+
+class AccessReportQuerySchema(StrictSchema):
+    database = fields.String(required=True, validate=validate.Length(1, 63))
+    at = Timestamp(metadata={"description": "Who could reach the database at this moment"})
+    start = Timestamp(
+        data_key="from", metadata={"description": "With `to`: every grant overlapping [from, to)"}
+    )
+    end = Timestamp(data_key="to", metadata={"description": "End of the window (exclusive)"})
+
+    @ma.validates_schema
+    def _one_form(self, data: dict[str, Any], **kwargs: Any) -> None:
+        window = [key for key in ("start", "end") if key in data]
+        if ("at" in data) == bool(window):
+            raise ma.ValidationError("give either `at`, or both `from` and `to`")
+        if window and len(window) != 2:
+            raise ma.ValidationError("give both `from` and `to`")
+        if window and data["start"] >= data["end"]:
+            raise ma.ValidationError("`from` must be before `to`", field_name="to")
+
+
+class AccessGrantSchema(ma.Schema):
+    cidr = fields.String()
+    request_id = fields.UUID()
+    requester = fields.String(metadata={"description": "The user the access was for"})
+    filed_by = fields.String(allow_none=True, metadata={"description": "The bot that filed it"})
+    reason = fields.String()
+    approvers = fields.List(
+        fields.String(), metadata={"description": "Who approved the request (empty when a policy did)"}
+    )
+    approved_by_policy = fields.Boolean(metadata={"description": "An auto-approval rule approved it"})
+    extension_approvers = fields.List(
+        fields.String(), metadata={"description": "Who approved its extensions, in order"}
+    )
+    granted_from = Timestamp(metadata={"description": "When access started (the rule was authorized)"})
+    granted_until = Timestamp(
+        allow_none=True, metadata={"description": "When access ended; null while the request is live"}
+    )
+    expires_at = Timestamp(allow_none=True, metadata={"description": "Scheduled end, after extensions"})
+    status = fields.String(validate=validate.OneOf([s.value for s in RequestStatus]))
+    rule_authorized_at = Timestamp(
+        allow_none=True, metadata={"description": "When Heroku authorized the IP rule carrying it"}
+    )
+    rule_deleted_at = Timestamp(
+        allow_none=True,
+        metadata={"description": "When the rule was deleted at Heroku (later when other requests share it)"},
+    )
+
+
+class AccessReportSchema(ma.Schema):
+    database = fields.String()
+    at = Timestamp()
+    start = Timestamp(data_key="from")
+    end = Timestamp(data_key="to")
+    grants = fields.List(fields.Nested(AccessGrantSchema))
+
+
+GRANT_COLUMNS = tuple(AccessGrantSchema().fields)
+
+
 # -- audit -------------------------------------------------------------------------------------------------
 
 
@@ -349,6 +410,7 @@ class AuditQuerySchema(StrictSchema):
 
 class AuditEventSchema(ma.Schema):
     id = fields.Integer()
+    seq = fields.Integer(metadata={"description": "Position in the hash chain (commit order)"})
     occurred_at = Timestamp()
     actor = fields.String()
     on_behalf_of = fields.String(allow_none=True)
@@ -357,6 +419,8 @@ class AuditEventSchema(ma.Schema):
     request_id = fields.UUID(allow_none=True)
     database = fields.String(allow_none=True)
     details = fields.Dict()
+    prev_hash = fields.String(metadata={"description": "The previous event's hash"})
+    hash = fields.String(metadata={"description": "SHA-256 over the previous hash and this event's content"})
 
 
 class AuditEventListSchema(ma.Schema):
@@ -365,6 +429,7 @@ class AuditEventListSchema(ma.Schema):
 
 
 AUDIT_COLUMNS = (
+    "seq",
     "id",
     "occurred_at",
     "actor",
@@ -374,11 +439,32 @@ AUDIT_COLUMNS = (
     "request_id",
     "database",
     "details",
+    "prev_hash",
+    "hash",
 )
 
 
 def audit_row(event: AuditEvent) -> dict[str, Any]:
     return {key: getattr(event, key) for key in AUDIT_COLUMNS}
+
+
+class ChainHeadSchema(ma.Schema):
+    seq = fields.Integer()
+    hash = fields.String()
+    occurred_at = fields.String(metadata={"description": "ISO 8601 time of the event"})
+
+
+class BrokenLinkSchema(ma.Schema):
+    seq = fields.Integer()
+    id = fields.Integer()
+    problem = fields.String()
+
+
+class VerificationSchema(ma.Schema):
+    ok = fields.Boolean(metadata={"description": "True when every link of the chain holds"})
+    count = fields.Integer(metadata={"description": "Events checked before the first broken link, or all"})
+    head = fields.Nested(ChainHeadSchema, allow_none=True, metadata={"description": "Last event checked"})
+    first_broken = fields.Nested(BrokenLinkSchema, allow_none=True)
 
 
 class HealthSchema(ma.Schema):

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, select, text
+from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
 from app.models import AccessRequest, AuditEvent, Role
 from app.services.errors import InvalidRequest
 from app.services.identity import Principal
+
+GENESIS = "0" * 64
+_PENDING = "drawbridge_audit_pending"
+_CHAIN_LOCK = 7_240_417  # the advisory lock that makes appends to the chain take turns
 
 
 def record(
@@ -29,7 +35,8 @@ def record(
     database: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> AuditEvent:
-    """Add one audit event to `session`; the caller commits it together with the change it records."""
+    """Add one audit event to the caller's transaction; it is appended to the chain when that
+    transaction commits, together with the change it records (and vanishes with it on rollback)."""
     event = AuditEvent(
         occurred_at=at,
         actor=principal.actor,
@@ -40,8 +47,107 @@ def record(
         database=database if database is not None else (request.database.name if request else None),
         details=details or {},
     )
-    session.add(event)
+    session.info.setdefault(_PENDING, []).append(event)
     return event
+
+
+def canonical(event: AuditEvent) -> bytes:
+    """The bytes an event's hash covers (with the previous hash): every field but the row id."""
+    content = {
+        "seq": event.seq,
+        "occurred_at": event.occurred_at.astimezone(UTC).isoformat(),
+        "actor": event.actor,
+        "on_behalf_of": event.on_behalf_of,
+        "source": event.source,
+        "action": event.action,
+        "request_id": str(event.request_id) if event.request_id is not None else None,
+        "database": event.database,
+        "details": event.details,
+    }
+    return json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def link(previous: str, event: AuditEvent) -> str:
+    return hashlib.sha256(previous.encode() + b"\n" + canonical(event)).hexdigest()
+
+
+@sa_event.listens_for(Session, "before_commit")
+def _append_pending(session: Session) -> None:
+    """Append the transaction's events to the chain, last thing before COMMIT.
+
+    On PostgreSQL writers take turns through a transaction-level advisory lock, held until the commit, so
+    `seq` order is commit order (keyset pages by seq never miss a late commit). Taking the lock only now,
+    after every row lock the transaction needs, means it cannot deadlock with them. SQLite has one writer.
+    """
+    pending: list[AuditEvent] = session.info.pop(_PENDING, [])
+    if not pending:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
+    last = session.execute(
+        select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+    ).first()
+    seq, previous = (last[0], last[1]) if last is not None else (0, GENESIS)
+    for event in pending:
+        seq += 1
+        event.seq = seq
+        event.prev_hash = previous
+        event.hash = link(previous, event)
+        previous = event.hash
+        session.add(event)
+    session.flush()
+
+
+@sa_event.listens_for(Session, "after_soft_rollback")
+def _drop_pending(session: Session, _previous_transaction: Any) -> None:
+    session.info.pop(_PENDING, None)
+
+
+@dataclass(frozen=True)
+class Verification:
+    ok: bool
+    count: int
+    head: dict[str, Any] | None
+    first_broken: dict[str, Any] | None
+
+
+def verify(session: Session, *, batch: int = 5000) -> Verification:
+    """Walk the whole chain in `seq` order and report the first link that does not hold: a row whose
+    content was edited, a row deleted (a gap) or rows swapped (their links no longer meet)."""
+    previous, expected_seq, count = GENESIS, 1, 0
+    last: AuditEvent | None = None
+    after = 0
+    while True:
+        rows = session.scalars(
+            select(AuditEvent).where(AuditEvent.seq > after).order_by(AuditEvent.seq).limit(batch)
+        ).all()
+        if not rows:
+            break
+        for event in rows:
+            problem = None
+            if event.seq != expected_seq:
+                problem = f"expected event {expected_seq} here but found {event.seq}: events are missing"
+            elif event.prev_hash != previous:
+                problem = "its link to the previous event does not match: events were removed or reordered"
+            elif link(previous, event) != event.hash:
+                problem = "its content does not match its hash: the event was altered"
+            if problem is not None:
+                return Verification(
+                    ok=False,
+                    count=count,
+                    head=_head(last),
+                    first_broken={"seq": event.seq, "id": event.id, "problem": problem},
+                )
+            previous, expected_seq, count, last = event.hash, event.seq + 1, count + 1, event
+        after = rows[-1].seq
+        session.expunge_all()
+    return Verification(ok=True, count=count, head=_head(last), first_broken=None)
+
+
+def _head(event: AuditEvent | None) -> dict[str, Any] | None:
+    if event is None:
+        return None
+    return {"seq": event.seq, "hash": event.hash, "occurred_at": event.occurred_at.isoformat()}
 
 
 @dataclass(frozen=True)
@@ -107,15 +213,16 @@ def list_events(
     cursor: str | None,
     limit: int,
 ) -> Page:
-    """One page of events in the order they were written, starting after `cursor`."""
+    """One page of events in chain order, starting after `cursor`. Because `seq` is assigned in commit
+    order, events committed while an auditor pages through appear on later pages, never skipped."""
     require_auditor(principal)
-    query = filters.apply(select(AuditEvent)).order_by(AuditEvent.id).limit(limit + 1)
+    query = filters.apply(select(AuditEvent)).order_by(AuditEvent.seq).limit(limit + 1)
     if cursor is not None:
-        query = query.where(AuditEvent.id > decode_cursor(cursor))
+        query = query.where(AuditEvent.seq > decode_cursor(cursor))
     rows = list(session.scalars(query))
     more = len(rows) > limit
     items = rows[:limit]
-    return Page(items=items, next_cursor=encode_cursor(items[-1].id) if more and items else None)
+    return Page(items=items, next_cursor=encode_cursor(items[-1].seq) if more and items else None)
 
 
 def iter_events(
@@ -127,13 +234,13 @@ def iter_events(
     while True:
         query = (
             filters.apply(select(AuditEvent))
-            .where(AuditEvent.id > after)
-            .order_by(AuditEvent.id)
+            .where(AuditEvent.seq > after)
+            .order_by(AuditEvent.seq)
             .limit(batch)
         )
         rows = list(session.scalars(query))
         if not rows:
             return
         yield from rows
-        after = rows[-1].id
+        after = rows[-1].seq
         session.expunge_all()

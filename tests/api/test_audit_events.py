@@ -109,6 +109,7 @@ def test_csv_export_streams_the_whole_selection_and_defuses_formulas(
     rows = list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
     assert len(rows) == 7
     assert list(rows[0]) == [
+        "seq",
         "id",
         "occurred_at",
         "actor",
@@ -118,7 +119,10 @@ def test_csv_export_streams_the_whole_selection_and_defuses_formulas(
         "request_id",
         "database",
         "details",
+        "prev_hash",
+        "hash",
     ]
+    assert [int(r["seq"]) for r in rows] == sorted(int(r["seq"]) for r in rows)
     creates = [r for r in rows if r["action"] == "access_request:create"]
     assert json.loads(creates[0]["details"])["reason"].startswith("=HYPERLINK")
     assert creates[0]["request_id"] == data["ids"][0]
