@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,14 +13,12 @@ from werkzeug.exceptions import NotAcceptable
 from app.api.blueprint import Blueprint
 from app.api.context import principal, runtime, session
 from app.api.schemas import (
-    AUDIT_COLUMNS,
     AuditEventListSchema,
     AuditQuerySchema,
     VerificationSchema,
     audit_row,
 )
-from app.models import AuditEvent
-from app.services import audit
+from app.services import audit, export
 from app.services.identity import Principal
 
 blp = Blueprint(
@@ -35,48 +30,15 @@ blp = Blueprint(
 
 CSV = "text/csv"
 NDJSON = "application/x-ndjson"
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, dict):
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"))
-    elif hasattr(value, "isoformat"):
-        text = value.isoformat()
-    else:
-        text = str(value)
-    # A leading formula character would make spreadsheets execute the cell; quote it (OWASP CSV injection).
-    return "'" + text if text.startswith(_FORMULA_START) else text
-
-
-def _json_line(event: AuditEvent) -> str:
-    row = audit_row(event)
-    row["occurred_at"] = event.occurred_at.isoformat()
-    row["request_id"] = str(event.request_id) if event.request_id else None
-    return json.dumps(row, separators=(",", ":")) + "\n"
+_cell = export.cell  # also used by the access report's CSV
 
 
 def _stream(
     sessions: sessionmaker[Session], who: Principal, filters: audit.EventFilter, fmt: str
 ) -> Iterator[str]:
+    audit.require_auditor(who)
     with sessions() as db:
-        events = audit.iter_events(db, principal=who, filters=filters)
-        if fmt == CSV:
-            buffer = io.StringIO()
-            writer = csv.writer(buffer, lineterminator="\r\n")
-            writer.writerow(AUDIT_COLUMNS)
-            for event in events:
-                writer.writerow([_cell(v) for v in audit_row(event).values()])
-                if buffer.tell() > 64 * 1024:
-                    yield buffer.getvalue()
-                    buffer.seek(0)
-                    buffer.truncate()
-            yield buffer.getvalue()
-        else:
-            for event in events:
-                yield _json_line(event)
+        yield from export.chunks(db, fmt="csv" if fmt == CSV else "ndjson", filters=filters)
 
 
 @blp.route("")

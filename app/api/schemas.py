@@ -10,6 +10,7 @@ import marshmallow as ma
 from marshmallow import fields, validate
 
 from app.models import AccessRequest, AuditEvent, Database, RequestStatus
+from app.services import export
 from app.validation import InvalidInput, check_printable, format_duration, parse_duration
 
 MAX_PAGE = 200
@@ -428,24 +429,8 @@ class AuditEventListSchema(ma.Schema):
     next_cursor = fields.String(allow_none=True)
 
 
-AUDIT_COLUMNS = (
-    "seq",
-    "id",
-    "occurred_at",
-    "actor",
-    "on_behalf_of",
-    "source",
-    "action",
-    "request_id",
-    "database",
-    "details",
-    "prev_hash",
-    "hash",
-)
-
-
 def audit_row(event: AuditEvent) -> dict[str, Any]:
-    return {key: getattr(event, key) for key in AUDIT_COLUMNS}
+    return {key: getattr(event, key) for key in export.COLUMNS}
 
 
 class ChainHeadSchema(ma.Schema):

@@ -7,7 +7,7 @@ import binascii
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -223,24 +223,3 @@ def list_events(
     more = len(rows) > limit
     items = rows[:limit]
     return Page(items=items, next_cursor=encode_cursor(items[-1].seq) if more and items else None)
-
-
-def iter_events(
-    session: Session, *, principal: Principal, filters: EventFilter, batch: int = 1000
-) -> Iterator[AuditEvent]:
-    """Every matching event, in order, fetched in keyset batches so memory stays flat."""
-    require_auditor(principal)
-    after = 0
-    while True:
-        query = (
-            filters.apply(select(AuditEvent))
-            .where(AuditEvent.seq > after)
-            .order_by(AuditEvent.seq)
-            .limit(batch)
-        )
-        rows = list(session.scalars(query))
-        if not rows:
-            return
-        yield from rows
-        after = rows[-1].seq
-        session.expunge_all()

@@ -71,6 +71,38 @@ def as_dict(row: Row[Any]) -> dict[str, Any]:
     return data
 
 
+def chunks(
+    session: Session, *, fmt: str, filters: EventFilter, stats: dict[str, Any] | None = None
+) -> Iterator[str]:
+    """The selection as "csv" or "ndjson" text, in chunks of a few thousand events; `stats` (if given)
+    is kept up to date with the count and the first and last events written."""
+    tally = stats if stats is not None else {}
+    tally.update(count=0, first_seq=None, last_seq=None, last_hash=None)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    if fmt == "csv":
+        writer.writerow(COLUMNS)
+    pending = 0
+    for row in rows(session, filters):
+        if fmt == "csv":
+            writer.writerow([cell(value) for value in row])
+        else:
+            buffer.write(json.dumps(as_dict(row), separators=(",", ":"), ensure_ascii=False))
+            buffer.write("\n")
+        pending += 1
+        if tally["first_seq"] is None:
+            tally["first_seq"] = row.seq
+        tally["last_seq"], tally["last_hash"] = row.seq, row.hash
+        if pending >= 5000:
+            tally["count"] += pending
+            pending = 0
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    tally["count"] += pending
+    yield buffer.getvalue()
+
+
 def write(
     session: Session,
     out: IO[str],
@@ -79,52 +111,27 @@ def write(
     filters: EventFilter,
     progress: Callable[[int], None] = lambda n: None,
 ) -> dict[str, Any]:
-    """Write the selection to `out` as "csv" or "ndjson"; return a summary with the chain head (the last
-    event of the whole chain when the export was made) and the SHA-256 of what was written."""
+    """Write the selection to `out`; return a summary with the chain head (the last event of the whole
+    chain when the export was made) and the SHA-256 of what was written."""
     digest = hashlib.sha256()
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-    written, pending = 0, 0
-    first: int | None = None
-    last: tuple[int, str] | None = None
-
-    def flush() -> None:
-        text = buffer.getvalue()
+    stats: dict[str, Any] = {}
+    done = 0
+    for text in chunks(session, fmt=fmt, filters=filters, stats=stats):
         out.write(text)
         digest.update(text.encode())
-        buffer.seek(0)
-        buffer.truncate()
-
-    if fmt == "csv":
-        writer.writerow(COLUMNS)
-    for row in rows(session, filters):
-        if fmt == "csv":
-            writer.writerow([cell(value) for value in row])
-        else:
-            buffer.write(json.dumps(as_dict(row), separators=(",", ":"), ensure_ascii=False))
-            buffer.write("\n")
-        written += 1
-        pending += 1
-        if first is None:
-            first = row.seq
-        last = (row.seq, row.hash)
-        if pending >= 5000:
-            flush()
-            progress(pending)
-            pending = 0
-    flush()
-    progress(pending)
+        progress(stats["count"] - done)
+        done = stats["count"]
     head = session.execute(
         select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
     ).first()
     return {
         "format": fmt,
-        "count": written,
+        "count": stats["count"],
         "since": filters.since.isoformat() if filters.since else None,
         "until": filters.until.isoformat() if filters.until else None,
-        "first_seq": first,
-        "last_seq": last[0] if last else None,
-        "last_hash": last[1] if last else None,
+        "first_seq": stats["first_seq"],
+        "last_seq": stats["last_seq"],
+        "last_hash": stats["last_hash"],
         "chain_head": {"seq": head[0], "hash": head[1]} if head else None,
         "sha256": digest.hexdigest(),
     }
