@@ -11,7 +11,7 @@ from flask import Flask, Response
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
-from app.api import access_requests, audit_events, databases, health, slack
+from app.api import access_requests, audit_events, databases, health, reports, slack
 from app.api.context import close_session
 from app.api.idempotency import init_idempotency
 from app.api.problem import (
@@ -123,7 +123,7 @@ def init_api(app: Flask) -> Api:
         },
     )
     api = Api(app)
-    for module in (health, databases, access_requests, audit_events, slack):
+    for module in (health, databases, access_requests, audit_events, reports, slack):
         api.register_blueprint(module.blp)
     _document_headers(api)
     app.register_error_handler(DomainError, from_domain_error)

@@ -31,6 +31,7 @@ ENDPOINTS: list[tuple[str, str, dict[str, Any] | None, set[str]]] = [
     ("POST", f"/access-requests/{MISSING}/revoke", {}, {"requester", "admin"}),
     ("POST", f"/access-requests/{MISSING}/extend", {"duration": "1h"}, {"requester", "admin"}),
     ("GET", "/audit-events", None, {"auditor", "admin"}),
+    ("GET", "/reports/access?database=main&at=2026-01-05T09:00:00Z", None, {"auditor", "admin"}),
 ]
 
 
