@@ -160,11 +160,11 @@ def counts(runtime: Runtime) -> tuple[int, ...]:
 
 
 def renumber(runtime: Runtime, request_id: str, new_id: str) -> str:
-    """Give a fresh request a chosen id, so tests can make prefixes collide."""
+    """Give a fresh request a chosen id, so tests can make prefixes collide (its audit events, append-only,
+    keep the id it was filed under)."""
     old, new = uuid.UUID(request_id), uuid.UUID(new_id)
     with runtime.sessions() as session:
         session.execute(update(AccessRequest).where(AccessRequest.id == old).values(id=new))
-        session.execute(update(AuditEvent).where(AuditEvent.request_id == old).values(request_id=new))
         session.execute(update(Notification).where(Notification.request_id == old).values(request_id=new))
         session.commit()
     return new_id
