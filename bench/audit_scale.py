@@ -7,8 +7,9 @@ loads N events that form a valid hash chain (built with app.services.audit.link,
 then VACUUM ANALYZE), and measures against the audit log's scale targets:
 
 - a filtered first page, server-side: `audit.list_events` timed in-process for a few hundred filter values
-  of several kinds, and the same pages through the Flask test client (authentication, JSON rendering);
-  target p99 <= 10 ms;
+  (actor, on_behalf_of, database, action, request_id, a window of an hour to a month; and two combined:
+  database + window, actor + action), and the same pages through the Flask test client (authentication,
+  JSON rendering); target p99 <= 10 ms, judged for one filter and for two;
 - a full export: `drawbridge audit export --format csv|ndjson` as a child process, wall time and the
   child's peak RSS (wait4); target >= 50,000 rows/s and < 150 MB for CSV;
 - `drawbridge audit verify` as a child process: seconds, and that it reports ok over N events; target
@@ -505,8 +506,20 @@ def by_kind(samples: list[tuple[Probe, float, int]]) -> dict[str, Any]:
     }
 
 
+def groups(samples: list[tuple[Probe, float, int]]) -> dict[str, Any]:
+    """All pages; pages with one filter (a single column, or a time window); pages with two combined."""
+    single = [s for probe, s, _ in samples if "+" not in probe.kind]
+    combined = [s for probe, s, _ in samples if "+" in probe.kind]
+    return {
+        "all": summary_ms([s for _, s, _ in samples]),
+        "one_filter": summary_ms(single),
+        "two_filters": summary_ms(combined),
+    }
+
+
 def explain(engine: Any, probe: Probe) -> list[str]:
-    """EXPLAIN ANALYZE of the first-page query for `probe`, as list_events builds it."""
+    """EXPLAIN ANALYZE of the first-page query for `probe`: EventFilter.apply, by seq, limit 101 (the query
+    list_events runs here; a list_events that builds its query otherwise would need this to follow)."""
     query = probe.filters.apply(select(AuditEvent)).order_by(AuditEvent.seq).limit(101)
     compiled = query.compile(dialect=engine.dialect)
     with engine.connect() as conn:
@@ -524,7 +537,8 @@ def measure_pages(
     seed: int,
     deadline: Callable[[], None],
 ) -> dict[str, Any]:
-    """`audit.list_events` in-process: one session per page (the pool stays warm, as in the server)."""
+    """`audit.list_events` in-process, one session per page as a request has: the time covers the pool
+    checkout (with its pre-ping), the query and building the page. Then the same pages over HTTP."""
     app = create_app(Config(database_url=url))
     rt = app.extensions["drawbridge"]
     auditor = Principal(user_id=1, name="bench-auditor", roles=frozenset({Role.AUDITOR}))
@@ -580,12 +594,8 @@ def measure_pages(
     return {
         "filter_values": len(sample),
         "rounds": rounds,
-        "service": {
-            "all": summary_ms([s for _, s, _ in service]),
-            "per_round": per_round,
-            "by_kind": by_kind(service),
-        },
-        "http_test_client": {"all": summary_ms([s for _, s, _ in http]), "by_kind": by_kind(http)},
+        "service": {**groups(service), "per_round": per_round, "by_kind": by_kind(service)},
+        "http_test_client": {**groups(http), "by_kind": by_kind(http)},
         "slowest_plans": plans,
         "target_p99_ms": TARGET_PAGE_P99_MS,
     }
@@ -714,33 +724,25 @@ def machine(url: str) -> dict[str, Any]:
 
 
 def verdicts(report: dict[str, Any]) -> list[dict[str, Any]]:
-    pages = report["pages"]
-    csv = report["export"]["csv"]
-    verify = report["verify"]
-    rows = [
-        ("first page p99, server-side (ms)", pages["service"]["all"]["p99_ms"], "<= 10", 1),
-        ("first page p99, HTTP test client (ms)", pages["http_test_client"]["all"]["p99_ms"], "<= 10", 1),
-        ("CSV export (rows/s)", csv["rows_per_s"], ">= 50000", 0),
-        ("CSV export peak RSS (MB)", csv["peak_rss_mb"], "< 150", 2),
-        ("verify (s)", verify["seconds"], f"< {verify['target_seconds']:g}", 3),
+    """Each figure against its target. The page over HTTP is for reference: the target is server-side."""
+    pages, verify = report["pages"], report["verify"]
+    at_most_page = (f"<= {TARGET_PAGE_P99_MS:g}", lambda v: v <= TARGET_PAGE_P99_MS)
+    rate = (f">= {TARGET_EXPORT_ROWS_S:,.0f}", lambda v: v >= TARGET_EXPORT_ROWS_S)
+    memory = (f"< {TARGET_EXPORT_RSS_MB:g}", lambda v: v < TARGET_EXPORT_RSS_MB)
+    service, http = pages["service"], pages["http_test_client"]
+    rows: list[tuple[str, float, tuple[str, Callable[[float], bool]]]] = [
+        ("first page p99, one filter, server-side (ms)", service["one_filter"]["p99_ms"], at_most_page),
+        ("first page p99, two filters, server-side (ms)", service["two_filters"]["p99_ms"], at_most_page),
+        ("(reference) first page p99, all, over HTTP (ms)", http["all"]["p99_ms"], at_most_page),
     ]
-    limits: list[Callable[[float], bool]] = [
-        lambda v: v <= TARGET_PAGE_P99_MS,
-        lambda v: v <= TARGET_PAGE_P99_MS,
-        lambda v: v >= TARGET_EXPORT_ROWS_S,
-        lambda v: v < TARGET_EXPORT_RSS_MB,
-        lambda v: v < verify["target_seconds"],
-    ]
-    if "ndjson" in report["export"]:
-        nd = report["export"]["ndjson"]
-        rows += [
-            ("NDJSON export (rows/s)", nd["rows_per_s"], ">= 50000", 0),
-            ("NDJSON export peak RSS (MB)", nd["peak_rss_mb"], "< 150", 2),
-        ]
-        limits += [lambda v: v >= TARGET_EXPORT_ROWS_S, lambda v: v < TARGET_EXPORT_RSS_MB]
+    for fmt, figures in report["export"].items():
+        rows.append((f"{fmt.upper()} export (rows/s)", figures["rows_per_s"], rate))
+        rows.append((f"{fmt.upper()} export peak RSS (MB)", figures["peak_rss_mb"], memory))
+    target = verify["target_seconds"]
+    rows.append(("verify (s)", verify["seconds"], (f"< {target:g}", lambda v: v < target)))
     return [
-        {"metric": name, "measured": value, "target": target, "pass": check(value)}
-        for (name, value, target, _), check in zip(rows, limits, strict=True)
+        {"metric": name, "measured": value, "target": text, "pass": check(value)}
+        for name, value, (text, check) in rows
     ]
 
 
@@ -784,10 +786,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {kind} | {s['median_ms']} | {s['p99_ms']} | {s['max_ms']} | {h.get('median_ms', '')} "
             f"| {h.get('p99_ms', '')} | {s['median_rows']} |"
         )
-    s, h = pages["service"]["all"], pages["http_test_client"]["all"]
-    lines.append(
-        f"| **all** | {s['median_ms']} | {s['p99_ms']} | {s['max_ms']} | {h['median_ms']} | {h['p99_ms']} | |"
-    )
+    for group in ("one_filter", "two_filters", "all"):
+        s, h = pages["service"][group], pages["http_test_client"][group]
+        lines.append(
+            f"| **{group.replace('_', ' ')}** | {s['median_ms']} | {s['p99_ms']} | {s['max_ms']} "
+            f"| {h['median_ms']} | {h['p99_ms']} | |"
+        )
     lines += ["", "## Export and verify (child processes; peak RSS from wait4)", ""]
     for fmt, e in report["export"].items():
         runs = ", ".join(
