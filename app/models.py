@@ -12,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Enum,
+    Float,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
@@ -366,6 +367,9 @@ class AuditEvent(Base):
         Index("ix_audit_events_database_seq", "database", "seq"),
         Index("ix_audit_events_action_seq", "action", "seq"),
         Index("ix_audit_events_request_id_seq", "request_id", "seq"),
+        # The commonest pairs of filters auditors combine, so their first page is an index range scan.
+        Index("ix_audit_events_actor_action_seq", "actor", "action", "seq"),
+        Index("ix_audit_events_database_action_seq", "database", "action", "seq"),
     )
 
     id: Mapped[int] = mapped_column(_BigId, primary_key=True, autoincrement=True)
@@ -374,6 +378,8 @@ class AuditEvent(Base):
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    """From `AuditMark.TIME_ORDERED_FROM` on, never earlier than the previous event's: `seq` order is
+    time order, so a time window is a `seq` range."""
     actor: Mapped[str] = mapped_column(String(64))
     on_behalf_of: Mapped[str | None] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(16))
@@ -381,6 +387,20 @@ class AuditEvent(Base):
     request_id: Mapped[uuid.UUID | None] = mapped_column(Uuid())
     database: Mapped[str | None] = mapped_column(String(63))
     details: Mapped[dict[str, Any]] = mapped_column(_Json)
+
+
+class AuditMark(Base):
+    """Named positions in the audit chain, written by migrations.
+
+    `time_ordered_from` is the first `seq` from which every event's `occurred_at` is at least the
+    previous event's; rows chained before that rule existed may be out of time order."""
+
+    __tablename__ = "audit_marks"
+
+    TIME_ORDERED_FROM = "time_ordered_from"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
 
 
 class IdempotencyKey(Base):
@@ -427,3 +447,38 @@ class Notification(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class HerokuRateBudget(Base):
+    """The count of a Heroku account's API budget that every Drawbridge process shares (see
+    `app.heroku.client.RateBudget`); its row is locked for each update."""
+
+    __tablename__ = "heroku_rate_budgets"
+    __table_args__ = (
+        CheckConstraint("tokens >= 0", name="tokens_not_negative"),
+        CheckConstraint("reported <= issued", name="reported_was_issued"),
+    )
+
+    account: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """A fingerprint of the API token: Heroku keeps one bucket per account."""
+    tokens: Mapped[float] = mapped_column(Float)
+    counted_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    synced_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    issued: Mapped[int] = mapped_column(BigInteger)
+    reported: Mapped[int] = mapped_column(BigInteger)
+    in_flight: Mapped[dict[str, str]] = mapped_column(_Json)
+    """Calls sent and not answered yet: their number → when they were sent (ISO 8601)."""
+
+
+class WorkerHeartbeat(Base):
+    """One worker process's sign of life: written after each sweep it finishes, with a snapshot of its own
+    metrics. Readiness reads the newest; rows silent for a day are deleted by the workers."""
+
+    __tablename__ = "worker_heartbeats"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid(), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    beat_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    metrics: Mapped[list[dict[str, Any]] | None] = mapped_column(_Json)

@@ -108,6 +108,8 @@ def empty_tables(runtime: Runtime) -> None:
         else:
             for table in reversed(Base.metadata.sorted_tables):
                 conn.execute(table.delete())
+        # What the migration writes into an empty log: the whole chain is in time order.
+        conn.execute(text("INSERT INTO audit_marks (name, seq) VALUES ('time_ordered_from', 1)"))
 
 
 @pytest.fixture

@@ -11,26 +11,14 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import IO, Any
 
-from sqlalchemy import Row, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import AuditEvent
-from app.services.audit import EventFilter
+from app.services import audit
+from app.services.audit import EventFilter, Plain, batches
 
-COLUMNS = (
-    "seq",
-    "id",
-    "occurred_at",
-    "actor",
-    "on_behalf_of",
-    "source",
-    "action",
-    "request_id",
-    "database",
-    "details",
-    "prev_hash",
-    "hash",
-)
+COLUMNS = audit.COLUMNS
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -48,77 +36,115 @@ def cell(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
-def _columns() -> list[Any]:
-    return [getattr(AuditEvent, name) for name in COLUMNS]
+_FORMULA_CHARS = frozenset(_FORMULA_START)
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+_NDJSON_LINE = (
+    '{{"seq":{},"id":{},"occurred_at":"{}","actor":{},"on_behalf_of":{},"source":{},"action":{},'
+    '"request_id":{},"database":{},"details":{},"prev_hash":"{}","hash":"{}"}}\n'
+)
 
 
 def count(session: Session, filters: EventFilter) -> int:
-    query = filters.apply(select(AuditEvent)).with_only_columns(func.count())
+    query = filters.apply(select(func.count()).select_from(AuditEvent), session)
     return int(session.scalar(query) or 0)
 
 
-def rows(session: Session, filters: EventFilter, *, batch: int = 10_000) -> Iterator[Row[Any]]:
-    """Matching events in chain order, fetched through a server-side cursor `batch` rows at a time."""
-    query = filters.apply(select(AuditEvent)).with_only_columns(*_columns()).order_by(AuditEvent.seq)
-    result = session.execute(query.execution_options(yield_per=batch, stream_results=True))
-    yield from result
+def rows(session: Session, filters: EventFilter) -> Iterator[Plain]:
+    """Matching events in chain order, one `Plain` tuple at a time."""
+    for batch in batches(session, filters):
+        yield from batch
 
 
-def as_dict(row: Row[Any]) -> dict[str, Any]:
-    data = dict(zip(COLUMNS, row, strict=True))
-    data["occurred_at"] = data["occurred_at"].isoformat()
-    data["request_id"] = str(data["request_id"]) if data["request_id"] is not None else None
-    return data
+def _json_text(value: str | None) -> str:
+    return "null" if value is None else _encode(value)
+
+
+def ndjson_line(event: Plain) -> str:
+    """One event as a line of JSON, keys in `COLUMNS` order, details as canonical JSON."""
+    seq, id_, at, actor, obo, source, action, rid, db, details, prev, digest = event
+    return _NDJSON_LINE.format(
+        seq,
+        id_,
+        at,
+        _encode(actor),
+        _json_text(obo),
+        _encode(source),
+        _encode(action),
+        _json_text(rid),
+        _json_text(db),
+        details,
+        prev,
+        digest,
+    )
+
+
+def _text_cell(text: str | None) -> str:
+    """A free-text CSV cell: defused as `cell` does it, then quoted where RFC 4180 (and Python's csv
+    module, QUOTE_MINIMAL) quotes."""
+    if not text:
+        return ""
+    if text[0] in _FORMULA_CHARS:
+        text = "'" + text
+    if '"' in text or "," in text or "\n" in text or "\r" in text:
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def csv_line(event: Plain) -> str:
+    """One event as a CSV line, the same text `csv.writer(lineterminator="\\r\\n")` writes for `cell`s (a
+    test holds them equal). Written out because the csv module costs more than the rest of an export
+    put together. Only the free-text columns can need defusing; the others are numbers, times, ids,
+    hashes and the details, canonical JSON whose line breaks are escaped."""
+    seq, id_, at, actor, obo, source, action, rid, db, details, prev, digest = event
+    cell = _text_cell
+    if '"' in details or "," in details:
+        details = '"' + details.replace('"', '""') + '"'
+    return (
+        f"{seq},{id_},{at},{cell(actor)},{cell(obo)},{cell(source)},{cell(action)},{rid or ''},"
+        f"{cell(db)},{details},{prev},{digest}\r\n"
+    )
 
 
 def chunks(
     session: Session, *, fmt: str, filters: EventFilter, stats: dict[str, Any] | None = None
 ) -> Iterator[str]:
-    """The selection as "csv" or "ndjson" text, in chunks of a few thousand events; `stats` (if given)
-    is kept up to date with the count and the first and last events written."""
+    """The selection as "csv" or "ndjson" text, a chunk per few thousand events; `stats` (if given) is
+    kept up to date with the count and the first and last events written."""
     tally = stats if stats is not None else {}
     tally.update(count=0, first_seq=None, last_seq=None, last_hash=None)
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
     if fmt == "csv":
-        writer.writerow(COLUMNS)
-    pending = 0
-    for row in rows(session, filters):
-        if fmt == "csv":
-            writer.writerow([cell(value) for value in row])
-        else:
-            buffer.write(json.dumps(as_dict(row), separators=(",", ":"), ensure_ascii=False))
-            buffer.write("\n")
-        pending += 1
+        csv.writer(buffer, lineterminator="\r\n").writerow(COLUMNS)
+    line = csv_line if fmt == "csv" else ndjson_line
+    for batch in batches(session, filters):
+        buffer.write("".join(map(line, batch)))
         if tally["first_seq"] is None:
-            tally["first_seq"] = row.seq
-        tally["last_seq"], tally["last_hash"] = row.seq, row.hash
-        if pending >= 5000:
-            tally["count"] += pending
-            pending = 0
-            yield buffer.getvalue()
-            buffer.seek(0)
-            buffer.truncate()
-    tally["count"] += pending
+            tally["first_seq"] = batch[0][0]
+        tally["count"] += len(batch)
+        tally["last_seq"], tally["last_hash"] = batch[-1][0], batch[-1][-1]
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
     yield buffer.getvalue()
 
 
 def write(
     session: Session,
-    out: IO[str],
+    out: IO[bytes],
     *,
     fmt: str,
     filters: EventFilter,
     progress: Callable[[int], None] = lambda n: None,
 ) -> dict[str, Any]:
-    """Write the selection to `out`; return a summary with the chain head (the last event of the whole
-    chain when the export was made) and the SHA-256 of what was written."""
+    """Write the selection to `out` in UTF-8; return a summary with the chain head (the last event of the
+    whole chain when the export was made) and the SHA-256 of what was written."""
     digest = hashlib.sha256()
     stats: dict[str, Any] = {}
     done = 0
     for text in chunks(session, fmt=fmt, filters=filters, stats=stats):
-        out.write(text)
-        digest.update(text.encode())
+        data = text.encode()
+        out.write(data)
+        digest.update(data)
         progress(stats["count"] - done)
         done = stats["count"]
     head = session.execute(
