@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -29,7 +29,8 @@ from app.clock import Clock
 SIMULATOR_HEADER = "X-Heroku-Simulator"
 FAULT_HEADER = "X-Simulator-Fault"
 
-Fault = Literal["500", "502", "503", "429", "timeout", "ambiguous_500", "ambiguous_timeout"]
+Fault = Literal["500", "502", "503", "429", "timeout", "slow", "ambiguous_500", "ambiguous_timeout"]
+CONTROL_PREFIX = "/__simulator/"
 
 
 @dataclass
@@ -52,10 +53,18 @@ class Settings:
     fault_rate: float = 0.0
     """Probability that a call fails with one of `fault_mix`."""
     fault_mix: tuple[Fault, ...] = ("500", "503", "429", "timeout", "ambiguous_500")
+    """`429` is a refusal that spends nothing (Heroku's own 429, from an empty bucket, needs no fault);
+    `slow` answers correctly, `slow_fault_seconds` late; the `ambiguous_` ones do the work, then fail."""
     slow_seconds: float = 0.0
     """Real seconds every answer is delayed (for loopback timeout tests)."""
+    slow_fault_seconds: float = 1.0
+    """Real seconds a `slow` fault delays its answer."""
+    timeout_seconds: float = 0.0
+    """Real seconds a timeout fault holds its answer: over a socket, longer than the client waits."""
     bucket_capacity: int = 4500
     bucket_refill_per_minute: float = 75.0
+    bucket_drain_per_minute: float = 0.0
+    """Calls per minute something else spends from the same account's bucket (a draining bucket)."""
     seed: int | None = None
 
 
@@ -213,6 +222,13 @@ class Simulator:
         with self._lock:
             return list(addon.rules.values())
 
+    def spend(self, tokens: float) -> float:
+        """Something else spends `tokens` of the account's bucket now; returns what is left."""
+        with self._lock:
+            self._refill()
+            self._bucket = max(0.0, self._bucket - tokens)
+            return self._bucket
+
     def script(self, operation: str, *faults: Fault) -> None:
         """Make the next calls of `operation` fail as given, in order (deterministic fault injection)."""
         with self._lock:
@@ -240,6 +256,8 @@ class Simulator:
         return response(environ, start_response)
 
     def _handle(self, request: Request) -> Response:
+        if request.path.startswith(CONTROL_PREFIX):
+            return self._control(request)
         adapter = self._routes.bind_to_environ(request.environ)
         operation = "unknown"
         try:
@@ -251,8 +269,14 @@ class Simulator:
             response = self._error(exc.code or 404, "not_found", "Not found.")
         except HTTPException as exc:  # pragma: no cover - defensive
             response = self._error(exc.code or 400, "bad_request", exc.description or "Bad request.")
-        if self.settings.slow_seconds > 0:
-            time.sleep(self.settings.slow_seconds)
+        delay = self.settings.slow_seconds
+        fault = response.headers.get(FAULT_HEADER)
+        if fault == "slow":
+            delay += self.settings.slow_fault_seconds
+        elif fault in ("timeout", "ambiguous_timeout"):
+            delay += self.settings.timeout_seconds
+        if delay > 0:
+            time.sleep(delay)  # outside the lock: other calls go on meanwhile
         response.headers[SIMULATOR_HEADER] = "1"
         with self._lock:
             self.calls.append(
@@ -267,6 +291,102 @@ class Simulator:
                 )
             )
         return response
+
+    # -- control, for campaigns that run the simulator as its own process ----------------------------------
+
+    def _control(self, request: Request) -> Response:
+        """Inspect and steer the simulator over HTTP, with its token; these calls are neither logged nor
+        charged. `GET state`; `PATCH settings`; `POST addons` {app, name}, `foreign-rules`
+        {addon, cidr, description}, `spend` {tokens}."""
+        if not self._authorized(request):
+            return self._error(401, "unauthorized", "Invalid credentials provided.")
+        action = (request.method, request.path[len(CONTROL_PREFIX) :].strip("/"))
+        try:
+            body = json.loads(request.get_data() or b"{}")
+        except ValueError:
+            return self._error(400, "bad_request", "Invalid JSON.")
+        if not isinstance(body, dict):
+            return self._error(400, "bad_request", "A JSON object is expected.")
+        try:
+            with self._lock:
+                if action == ("GET", "state"):
+                    return self._json(self._state())
+                if action == ("PATCH", "settings"):
+                    self._change_settings(body)
+                    return self._json(self._settings_json())
+                if action == ("POST", "addons"):
+                    addon = self.add_addon(app=str(body["app"]), name=str(body["name"]))
+                    return self._json(self._addon_json(addon), 201)
+                if action == ("POST", "foreign-rules"):
+                    found = self._find(str(body["addon"]))
+                    if found is None:
+                        return self._error(404, "not_found", "Couldn't find that add-on.")
+                    rule = self.add_foreign_rule(
+                        found, cidr=str(body["cidr"]), description=str(body.get("description", ""))
+                    )
+                    return self._json(self._raw_rule(rule, found), 201)
+                if action == ("POST", "spend"):
+                    return self._json({"remaining": self.spend(float(body["tokens"]))})
+        except (KeyError, TypeError, ValueError) as exc:
+            return self._error(422, "unprocessable_entity", f"Invalid control request: {exc}")
+        return self._error(404, "not_found", "Not found.")
+
+    def _change_settings(self, changes: dict[str, Any]) -> None:
+        known = {f.name: f for f in fields(Settings)}
+        unknown = sorted(set(changes) - set(known))
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}")
+        for name, value in changes.items():
+            current = getattr(self.settings, name)
+            if name == "fault_mix":
+                value = tuple(str(v) for v in value)
+            elif isinstance(current, bool) or isinstance(current, str):
+                value = type(current)(value)
+            elif isinstance(current, (int, float)) and not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number")
+            setattr(self.settings, name, value)
+            if name == "seed":
+                self._rng = random.Random(value)
+        self._refill()
+        self._bucket = min(self._bucket, float(self.settings.bucket_capacity))
+
+    def _settings_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self.settings, f.name) for f in fields(Settings)}
+
+    def _raw_rule(self, rule: SimRule, addon: SimAddon | None = None) -> dict[str, Any]:
+        return {
+            "id": rule.id,
+            "addon": addon.id if addon else None,
+            "cidr": rule.cidr,
+            "description": rule.description,
+            "created_at": rule.created_at.isoformat(),
+            "authorized_at": rule.authorized_at.isoformat(),
+        }
+
+    def _state(self) -> dict[str, Any]:
+        """Everything a campaign checks afterwards: the bucket, the rules now, every rule ever created and
+        deleted, and every call with its answer."""
+        self._refill()
+        return {
+            "bucket": self._bucket,
+            "settings": self._settings_json(),
+            "addons": [{"id": a.id, "name": a.name, "app": a.app_name} for a in self.addons.values()],
+            "rules": [self._raw_rule(r, a) for a in self.addons.values() for r in a.rules.values()],
+            "created": [self._raw_rule(r) for r in self.created],
+            "deleted": list(self.deleted),
+            "calls": [
+                {
+                    "method": c.method,
+                    "path": c.path,
+                    "operation": c.operation,
+                    "status": c.status,
+                    "at": c.at.isoformat(),
+                    "request_id": c.request_id,
+                    "fault": c.fault,
+                }
+                for c in self.calls
+            ],
+        }
 
     @staticmethod
     def _operation(endpoint: str, method: str) -> str:
@@ -295,8 +415,9 @@ class Simulator:
         now = self.clock.now()
         elapsed = (now - self._bucket_at).total_seconds()
         self._bucket_at = now
-        refill = max(0.0, elapsed) * self.settings.bucket_refill_per_minute / 60.0
-        self._bucket = min(float(self.settings.bucket_capacity), self._bucket + refill)
+        net = self.settings.bucket_refill_per_minute - self.settings.bucket_drain_per_minute
+        refill = max(0.0, elapsed) * net / 60.0
+        self._bucket = max(0.0, min(float(self.settings.bucket_capacity), self._bucket + refill))
 
     def _take_token(self) -> int | None:
         """Spend one token from the account's bucket; None when it is empty."""
@@ -329,6 +450,9 @@ class Simulator:
             response.headers["RateLimit-Remaining"] = "0"
             return response
         fault = self._next_fault(operation)
+        if fault == "429":
+            self._bucket += 1  # refused before it counted
+            remaining = int(self._bucket)
         faulty = self._fault_response(fault)
         if faulty is not None and not (fault or "").startswith("ambiguous"):
             response = faulty
@@ -337,11 +461,15 @@ class Simulator:
             response = getattr(self, f"_op_{operation}")(request, **args)
             if faulty is not None and response.status_code < 400:
                 response = faulty
+        if fault == "slow":
+            response.headers[FAULT_HEADER] = fault
         response.headers["RateLimit-Remaining"] = str(remaining)
         return response
 
     def _fault_response(self, fault: Fault | None) -> Response | None:
         if fault is None:
+            return None
+        if fault == "slow":
             return None
         if fault in ("timeout", "ambiguous_timeout"):
             response = self._error(504, "timeout", "Simulated timeout.")

@@ -60,7 +60,13 @@ class Settings:
     lease: float = 60.0
     """How long a claimed row is left alone by other workers: longer than the slowest Heroku call."""
     batch: int = 100
+    open_batch: int = 10
+    """Rules created per sweep at most: the sweep then comes back to closing access, so a slow Heroku and a
+    long queue of creates cannot hold an expiry back for more than a few calls."""
     max_backoff: float = 60.0
+    close_rounds: int = 50
+    """Rounds of expire, release and delete a sweep runs while each round still fills a batch: a burst
+    of expiries is closed in one sweep rather than a batch per sweep interval."""
 
 
 @dataclass
@@ -123,6 +129,47 @@ def _claim(session: Session, row: IpRule, *, now: datetime, lease: float) -> int
     row.attempts += 1
     row.next_attempt_at = now + timedelta(seconds=lease)
     return row.attempts
+
+
+def _claim_next(
+    sessions: sessionmaker[Session],
+    status: RuleStatus,
+    order: Any,
+    *,
+    clock: Clock,
+    settings: Settings,
+    report: Report,
+) -> tuple[IpRule, int, int] | None:
+    """Claim the next due rule in `status`, right before its Heroku call: the row (detached, its database
+    loaded), the claim's token and the attempts made before; None when no row is due. One row at a time, so
+    a lease covers only the call in hand: a worker that dies strands one row, not a batch, and a batch can
+    never outlast its leases while other workers take the rows meanwhile and call Heroku for them too. A
+    rule Heroku did not create within the provisioning timeout is given up on instead."""
+    while True:
+        now = clock.now()
+        with sessions() as session:
+            rows = _lock_batch(
+                session,
+                select(IpRule)
+                .where(IpRule.status == status, _due(IpRule.next_attempt_at, now))
+                .order_by(order),
+                1,
+            )
+            if not rows:
+                return None
+            rule = rows[0]
+            if (
+                status is RuleStatus.CREATING
+                and (now - rule.created_at).total_seconds() > settings.provisioning_timeout
+            ):
+                limit = timedelta(seconds=settings.provisioning_timeout)
+                _give_up(session, rule, now, f"Heroku did not create the rule within {limit}", report)
+                session.commit()
+                continue
+            previous = rule.attempts
+            token = _claim(session, rule, now=now, lease=settings.lease)
+            session.commit()
+            return rule, token, previous
 
 
 def _live_users(session: Session, rule_id: uuid.UUID) -> Sequence[AccessRequest]:
@@ -359,21 +406,17 @@ def delete_rules(
     report: Report,
     stop: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Delete rules marked for deletion at Heroku. A failure is retried with backoff, for ever, loudly."""
-    now = clock.now()
-    with sessions() as session:
-        rows = _lock_batch(
-            session,
-            select(IpRule)
-            .where(IpRule.status == RuleStatus.DELETING, _due(IpRule.next_attempt_at, now))
-            .order_by(IpRule.release_at),
-            settings.batch,
-        )
-        claims = [(rule.id, _claim(session, rule, now=now, lease=settings.lease)) for rule in rows]
-        session.commit()
-    for rule_id, token in claims:
+    """Delete rules marked for deletion at Heroku, up to a batch of them, each claimed just before its call.
+    A failure is retried with backoff, for ever, loudly."""
+    for _ in range(settings.batch):
         if stop():
             return
+        claimed = _claim_next(
+            sessions, RuleStatus.DELETING, IpRule.release_at, clock=clock, settings=settings, report=report
+        )
+        if claimed is None:
+            return
+        rule, token, _ = claimed
         try:
             _delete_one(
                 sessions,
@@ -381,11 +424,11 @@ def delete_rules(
                 clock=clock,
                 settings=settings,
                 report=report,
-                rule_id=rule_id,
+                claimed=rule,
                 token=token,
             )
         except Exception as exc:  # noqa: BLE001 - see _push_back
-            _push_back(sessions, IpRule, rule_id, clock=clock, settings=settings, report=report, error=exc)
+            _push_back(sessions, IpRule, rule.id, clock=clock, settings=settings, report=report, error=exc)
 
 
 def _delete_one(
@@ -395,14 +438,11 @@ def _delete_one(
     clock: Clock,
     settings: Settings,
     report: Report,
-    rule_id: uuid.UUID,
+    claimed: IpRule,
     token: int,
 ) -> None:
-    with sessions() as session:
-        rule = session.get(IpRule, rule_id)
-        assert rule is not None
-        addon_id, heroku_rule_id, cidr = str(rule.database.addon_id), rule.heroku_rule_id, rule.cidr
-        session.rollback()
+    rule_id = claimed.id
+    addon_id, heroku_rule_id, cidr = str(claimed.database.addon_id), claimed.heroku_rule_id, claimed.cidr
     deleted: list[str] = []
     try:
         if heroku_rule_id is not None:
@@ -659,29 +699,18 @@ def create_rules(
     report: Report,
     stop: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Create at Heroku the rules recorded as `creating`. A retry lists first and adopts a rule that an
-    earlier, ambiguous attempt created, so a need never gets two rules."""
-    now = clock.now()
-    with sessions() as session:
-        rows = _lock_batch(
-            session,
-            select(IpRule)
-            .where(IpRule.status == RuleStatus.CREATING, _due(IpRule.next_attempt_at, now))
-            .order_by(IpRule.created_at),
-            settings.batch,
-        )
-        claims = []
-        for rule in rows:
-            if (now - rule.created_at).total_seconds() > settings.provisioning_timeout:
-                limit = timedelta(seconds=settings.provisioning_timeout)
-                reason = f"Heroku did not create the rule within {limit}"
-                _give_up(session, rule, now, reason, report)
-                continue
-            claims.append((rule.id, rule.attempts, _claim(session, rule, now=now, lease=settings.lease)))
-        session.commit()
-    for rule_id, previous_attempts, token in claims:
+    """Create at Heroku the rules recorded as `creating`, up to `open_batch` of them, each claimed just
+    before its call. A retry lists first and adopts a rule that an earlier, ambiguous attempt created, so a
+    need never gets two rules."""
+    for _ in range(settings.open_batch):
         if stop():
             return
+        claimed = _claim_next(
+            sessions, RuleStatus.CREATING, IpRule.created_at, clock=clock, settings=settings, report=report
+        )
+        if claimed is None:
+            return
+        rule, token, previous_attempts = claimed
         try:
             _create_one(
                 sessions,
@@ -689,12 +718,12 @@ def create_rules(
                 clock=clock,
                 settings=settings,
                 report=report,
-                rule_id=rule_id,
+                claimed=rule,
                 token=token,
                 look_first=previous_attempts > 0,
             )
         except Exception as exc:  # noqa: BLE001 - see _push_back
-            _push_back(sessions, IpRule, rule_id, clock=clock, settings=settings, report=report, error=exc)
+            _push_back(sessions, IpRule, rule.id, clock=clock, settings=settings, report=report, error=exc)
 
 
 def _give_up(session: Session, rule: IpRule, now: datetime, reason: str, report: Report) -> None:
@@ -715,15 +744,12 @@ def _create_one(
     clock: Clock,
     settings: Settings,
     report: Report,
-    rule_id: uuid.UUID,
+    claimed: IpRule,
     token: int,
     look_first: bool,
 ) -> None:
-    with sessions() as session:
-        rule = session.get(IpRule, rule_id)
-        assert rule is not None
-        addon_id, cidr, description = str(rule.database.addon_id), rule.cidr, rule.description
-        session.rollback()
+    rule_id = claimed.id
+    addon_id, cidr, description = str(claimed.database.addon_id), claimed.cidr, claimed.description
     found: HerokuRule | None = None
     adopted = False
     try:
@@ -990,6 +1016,7 @@ def _poll_one(
         db = session.get(Database, database_id)
         assert db is not None
         addon_id = str(db.addon_id)
+        known = _known_at_heroku(session, database_id)
         session.rollback()
     try:
         rules = heroku.list_ip_rules(db=addon_id)
@@ -1012,7 +1039,8 @@ def _poll_one(
         for rule in pending:
             seen = at_heroku.get(rule.heroku_rule_id or "")
             if seen is None:
-                _recreate(session, rule, now, report)
+                if known.get(rule.id) == rule.heroku_rule_id:
+                    _recreate(session, rule, now, report)
             elif seen.authorized:
                 _authorize(session, rule, now, report)
             elif (now - rule.created_at).total_seconds() > settings.provisioning_timeout:
@@ -1020,6 +1048,18 @@ def _poll_one(
                 reason = f"Heroku did not authorize the rule within {limit}"
                 _give_up(session, rule, now, reason, report)
         session.commit()
+
+
+def _known_at_heroku(session: Session, database_id: int) -> dict[uuid.UUID, str | None]:
+    """Our rules of a database and the Heroku rule each had, read before asking Heroku for its list. Only
+    these may be judged missing from the answer: a rule another worker recorded while the list was being
+    answered may be absent from it and still be there."""
+    rows = session.execute(
+        select(IpRule.id, IpRule.heroku_rule_id).where(
+            IpRule.database_id == database_id, IpRule.status.in_(LIVE_RULE_STATUSES)
+        )
+    ).all()
+    return {rule_id: heroku_rule_id for rule_id, heroku_rule_id in rows}
 
 
 def _recreate(session: Session, rule: IpRule, now: datetime, report: Report) -> None:
@@ -1079,6 +1119,7 @@ def _reconcile_one(
         db = session.get(Database, database_id)
         assert db is not None
         addon_id, name = str(db.addon_id), db.name
+        known = _known_at_heroku(session, database_id)
         session.rollback()
     try:
         rules = heroku.list_ip_rules(db=addon_id, priority=Priority.DELETE)
@@ -1113,14 +1154,16 @@ def _reconcile_one(
                     )
                     report.add("untracked_waiting")
             elif ours.status is RuleStatus.DELETED:
-                doomed.append((found, "believed_deleted"))
-            elif ours.heroku_rule_id is not None and ours.heroku_rule_id != found.id:
+                if ours.id not in known:  # deleted before the list was asked for, and still there
+                    doomed.append((found, "believed_deleted"))
+            elif ours.heroku_rule_id not in (None, found.id) and known.get(ours.id) == ours.heroku_rule_id:
                 doomed.append((found, "duplicate"))
         present = {r.id for r in rules}
         for rule in tracked.values():
             if (
                 rule.status in (RuleStatus.AUTHORIZING, RuleStatus.AUTHORIZED)
                 and rule.heroku_rule_id not in present
+                and known.get(rule.id) == rule.heroku_rule_id
             ):
                 locked = _locked(session, IpRule, rule.id)
                 if locked is not None and locked.status in (RuleStatus.AUTHORIZING, RuleStatus.AUTHORIZED):
@@ -1177,10 +1220,18 @@ def sweep(
     report = Report()
     common: dict[str, Any] = {"clock": clock, "settings": settings, "report": report}
     remote: dict[str, Any] = {**common, "heroku": heroku, "stop": stop}
-    steps: list[tuple[str, Callable[..., None], dict[str, Any]]] = [
+    closing: list[tuple[str, Callable[..., None], dict[str, Any]]] = [
         ("expire", expire_requests, common),
         ("release", release_rules, common),
         ("delete", delete_rules, remote),
+    ]
+    for _ in range(settings.close_rounds):
+        before = dict(report.counts)
+        _run(closing, sessions, report, stop)
+        done = {key: report.counts.get(key, 0) - before.get(key, 0) for key in _CLOSING_COUNTS}
+        if stop() or all(n < settings.batch for n in done.values()):
+            break
+    steps: list[tuple[str, Callable[..., None], dict[str, Any]]] = [
         ("warn", notify.warn_before_end, common),
         ("time_out", time_out_pending, common),
         *([("reconcile", reconcile, remote)] if with_reconcile else []),
@@ -1188,6 +1239,19 @@ def sweep(
         ("create", create_rules, remote),
         ("poll", poll_rules, remote),
     ]
+    _run(steps, sessions, report, stop)
+    return report
+
+
+_CLOSING_COUNTS = ("expired", "released", "deleted", "delete_failed")
+
+
+def _run(
+    steps: list[tuple[str, Callable[..., None], dict[str, Any]]],
+    sessions: sessionmaker[Session],
+    report: Report,
+    stop: Callable[[], bool],
+) -> None:
     for name, step, kwargs in steps:
         if stop():
             break
@@ -1196,4 +1260,3 @@ def sweep(
         except Exception:  # noqa: BLE001 - one broken step must not stop the others
             log.exception("sweep step %s failed", name)
             report.add(f"{name}_errors")
-    return report

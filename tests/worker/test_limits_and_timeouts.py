@@ -163,6 +163,24 @@ def test_a_pending_request_nobody_decides_times_out_after_the_approval_window(wo
         access.approve(session, principal=world.bob, request_id=request_id, comment=None, clock=world.clock)
 
 
+def test_a_request_past_its_approval_window_cannot_be_approved_before_the_worker_times_it_out(
+    world: World,
+) -> None:
+    """The worker may be down when the window closes; the request still reads pending, but approving it
+    now would grant what the policy says is too late to grant."""
+    request_id = pending(world)
+    created = world.request(request_id).created_at
+    world.clock.set(created + timedelta(hours=24))
+
+    with world.runtime.sessions() as session, pytest.raises(InvalidTransition, match="approval window"):
+        access.approve(session, principal=world.bob, request_id=request_id, comment=None, clock=world.clock)
+
+    assert world.request(request_id).status is RequestStatus.PENDING
+    assert world.request(request_id).approvals == []
+    world.sweep()
+    assert world.request(request_id).status is RequestStatus.TIMED_OUT
+
+
 # -- revocation ------------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,12 @@ import httpx
 
 
 def start(args: list[str], tmp_path: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path}/w.db", "DRAWBRIDGE_SWEEP_INTERVAL": "0.2"}
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/w.db",
+        "DRAWBRIDGE_SWEEP_INTERVAL": "0.2",
+        "DRAWBRIDGE_LOG_FORMAT": "text",
+    }
     subprocess.run(
         [sys.executable, "-m", "app.cli", "db", "upgrade"], env=env, check=True, capture_output=True
     )
