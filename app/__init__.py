@@ -20,6 +20,9 @@ def create_app(config: Config | None = None, *, runtime: Runtime | None = None) 
         from werkzeug.middleware.proxy_fix import ProxyFix
 
         # Each trusted proxy (Heroku's router is one) appends to X-Forwarded-For; the client is the entry
-        # that many hops from the right. The left-most entry is whatever the client claimed.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=rt.config.trusted_proxies)  # type: ignore[method-assign]
+        # that many hops from the right. The left-most entry is whatever the client claimed. The same hops
+        # say whether the client came over HTTPS (X-Forwarded-Proto), which decides HSTS.
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=rt.config.trusted_proxies, x_proto=rt.config.trusted_proxies
+        )
     return app

@@ -17,6 +17,20 @@ DEFAULT_HEROKU_API_URL = "https://api.heroku.com"
 DEFAULT_HEROKU_DATA_API_URL = "https://api.data.heroku.com"
 
 _RATE_LIMIT = re.compile(r"^\s*(\d+)\s*(?:/|\s+per\s+)\s*(second|minute|hour|day)\s*$")
+# Storages the rate limiter (the `limits` library) can share between processes, and its in-process one.
+RATE_LIMIT_STORAGE_SCHEMES = (
+    "memory",
+    "redis",
+    "rediss",
+    "redis+unix",
+    "redis+sentinel",
+    "redis+cluster",
+    "valkey",
+    "valkeys",
+    "memcached",
+    "mongodb",
+    "mongodb+srv",
+)
 
 
 class ConfigError(ValueError):
@@ -34,13 +48,18 @@ class Config:
     min_duration: int = 60
     provisioning_timeout: float = 1800.0
     reconcile_interval: float = 300.0
+    heroku_timeout: float = 10.0
     rate_limit: str = "600/minute"
+    rate_limit_storage: str = field(default="memory://", repr=False)
     trusted_proxies: int = 0
     slack_signing_secret: str | None = field(default=None, repr=False)
     slack_webhook_url: str | None = field(default=None, repr=False)
     webhook_urls: tuple[str, ...] = ()
     webhook_secret: str | None = field(default=None, repr=False)
     simulate: bool = False
+    log_format: str = "json"
+    heartbeat_stale: float = 60.0
+    metrics_multiproc_dir: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -59,6 +78,7 @@ class Config:
             if item.strip()
         )
         slack_webhook = get("SLACK_WEBHOOK_URL")
+        sweep_interval = _seconds("DRAWBRIDGE_SWEEP_INTERVAL", get("DRAWBRIDGE_SWEEP_INTERVAL"), 1.0)
         return cls(
             database_url=normalize_database_url(get("DATABASE_URL") or DEFAULT_DATABASE_URL),
             heroku_api_token=get("HEROKU_API_TOKEN"),
@@ -66,7 +86,7 @@ class Config:
             heroku_data_api_url=_url(
                 "HEROKU_DATA_API_URL", get("HEROKU_DATA_API_URL") or DEFAULT_HEROKU_DATA_API_URL
             ),
-            sweep_interval=_seconds("DRAWBRIDGE_SWEEP_INTERVAL", get("DRAWBRIDGE_SWEEP_INTERVAL"), 1.0),
+            sweep_interval=sweep_interval,
             poll_interval=_seconds("DRAWBRIDGE_POLL_INTERVAL", get("DRAWBRIDGE_POLL_INTERVAL"), 15.0),
             min_duration=_whole_seconds("DRAWBRIDGE_MIN_DURATION", get("DRAWBRIDGE_MIN_DURATION"), 60),
             provisioning_timeout=_seconds(
@@ -75,12 +95,17 @@ class Config:
             reconcile_interval=_seconds(
                 "DRAWBRIDGE_RECONCILE_INTERVAL", get("DRAWBRIDGE_RECONCILE_INTERVAL"), 300.0
             ),
+            heroku_timeout=_seconds("DRAWBRIDGE_HEROKU_TIMEOUT", get("DRAWBRIDGE_HEROKU_TIMEOUT"), 10.0),
             rate_limit=_rate_limit(get("DRAWBRIDGE_RATE_LIMIT") or "600/minute"),
+            rate_limit_storage=_rate_limit_storage(get("DRAWBRIDGE_RATE_LIMIT_STORAGE") or "memory://"),
             trusted_proxies=_count("DRAWBRIDGE_TRUSTED_PROXIES", get("DRAWBRIDGE_TRUSTED_PROXIES")),
             slack_signing_secret=get("SLACK_SIGNING_SECRET"),
             slack_webhook_url=_url("SLACK_WEBHOOK_URL", slack_webhook) if slack_webhook else None,
             webhook_urls=webhook_urls,
             webhook_secret=get("DRAWBRIDGE_WEBHOOK_SECRET"),
+            log_format=_log_format(get("DRAWBRIDGE_LOG_FORMAT")),
+            heartbeat_stale=_heartbeat_stale(get("DRAWBRIDGE_HEARTBEAT_STALE"), sweep_interval),
+            metrics_multiproc_dir=get("PROMETHEUS_MULTIPROC_DIR"),
         )
 
 
@@ -141,3 +166,36 @@ def _rate_limit(value: str) -> str:
             f"got {value!r}"
         )
     return f"{int(match.group(1))}/{match.group(2)}"
+
+
+def _rate_limit_storage(value: str) -> str:
+    # The URI may carry a password: messages name only its scheme.
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in RATE_LIMIT_STORAGE_SCHEMES or (scheme != "memory" and not rest):
+        shown = f"{scheme}://" if sep and re.fullmatch(r"[a-z0-9+.-]{1,20}", scheme) else "another value"
+        raise ConfigError(
+            "DRAWBRIDGE_RATE_LIMIT_STORAGE must be a storage URI such as memory:// or redis://host:6379, "
+            f"with one of the schemes {', '.join(RATE_LIMIT_STORAGE_SCHEMES)}; got {shown}"
+        )
+    return value
+
+
+def _log_format(value: str | None) -> str:
+    if value is None:
+        return "json"
+    if value.lower() not in ("json", "text"):
+        raise ConfigError(f"DRAWBRIDGE_LOG_FORMAT must be json or text, got {value!r}")
+    return value.lower()
+
+
+def _heartbeat_stale(value: str | None, sweep_interval: float) -> float:
+    """Seconds without a worker sweep after which /readyz fails: by default a minute, or ten sweep
+    intervals when sweeps are rarer than every six seconds."""
+    default = max(60.0, 10 * sweep_interval)
+    seconds = _seconds("DRAWBRIDGE_HEARTBEAT_STALE", value, default)
+    if seconds <= sweep_interval:
+        raise ConfigError(
+            "DRAWBRIDGE_HEARTBEAT_STALE must be longer than DRAWBRIDGE_SWEEP_INTERVAL "
+            f"({sweep_interval:g} s), got {value!r}"
+        )
+    return seconds

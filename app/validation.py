@@ -40,6 +40,7 @@ _REFUSED_RANGES: tuple[tuple[ipaddress.IPv4Network, str], ...] = tuple(
 )
 
 _SHORTHAND = re.compile(r"^(?:(\d{1,6})d)?(?:(\d{1,6})h)?(?:(\d{1,6})m)?(?:(\d{1,8})s)?$")
+# Checked with fullmatch: `$` also matches before a trailing newline, which would let "main\n" through.
 _DATABASE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")
 _HEROKU_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
@@ -63,7 +64,8 @@ def parse_cidr(value: str, *, max_prefix: int = 28) -> str:
     if "/" not in text:
         text += "/32"
     address, _, prefix = text.partition("/")
-    if not prefix.isdigit() or not 0 <= int(prefix) <= 32:
+    # str.isdigit() also admits superscripts and other scripts' digits, which int() refuses or reads.
+    if not (prefix.isascii() and prefix.isdigit()) or len(prefix) > 2 or not 0 <= int(prefix) <= 32:
         raise InvalidInput(f"{value!r} has an invalid prefix length; use /0 to /32")
     try:
         ipaddress.IPv4Address(address)
@@ -88,11 +90,17 @@ def parse_cidr(value: str, *, max_prefix: int = 28) -> str:
     return str(network)
 
 
-def parse_duration(value: str) -> timedelta:
-    """Parse an ISO 8601 duration (`PT2H`) or shorthand (`90m`, `2h`, `1d`, `1h30m`) into a timedelta."""
+def parse_duration(value: str, *, allow_zero: bool = False) -> timedelta:
+    """Parse an ISO 8601 duration (`PT2H`) or shorthand (`90m`, `2h`, `1d`, `1h30m`) into a timedelta.
+
+    Zero is refused unless `allow_zero`: no access lasts no time, but an allowance (`self_extension`,
+    `warn_before`) may be none, and `format_duration` renders it as `PT0S`."""
     text = value.strip()
     if not text:
         raise InvalidInput("a duration is required, such as PT2H, 90m, 2h or 1d")
+    if not text.isascii():
+        # `\d` matches any script's digits; a duration is written in ASCII digits only.
+        raise InvalidInput(f"{value!r} is not a duration; use ISO 8601 (PT2H) or 90m, 2h, 1d")
     match = _SHORTHAND.match(text.lower())
     if match and any(match.groups()):
         days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
@@ -111,7 +119,7 @@ def parse_duration(value: str) -> timedelta:
         raise InvalidInput(f"{value!r} is not a duration; use ISO 8601 (PT2H) or 90m, 2h, 1d")
     if duration > MAX_DURATION_ACCEPTED:
         raise InvalidInput(f"{value!r} is too long")
-    if duration <= timedelta(0):
+    if duration < timedelta(0) or (duration == timedelta(0) and not allow_zero):
         raise InvalidInput(f"{value!r} must be longer than zero")
     if duration.microseconds:
         raise InvalidInput(f"{value!r} must be a whole number of seconds")
@@ -143,7 +151,7 @@ def check_printable(text: str, what: str) -> None:
 
 
 def check_database_name(value: str) -> str:
-    if not _DATABASE_NAME.match(value):
+    if not _DATABASE_NAME.fullmatch(value):
         raise InvalidInput(
             "a database name is 1-63 lowercase letters, digits and dashes, starting with a letter or digit"
         )
@@ -151,7 +159,7 @@ def check_database_name(value: str) -> str:
 
 
 def check_user_name(value: str) -> str:
-    if not _USER_NAME.match(value):
+    if not _USER_NAME.fullmatch(value):
         raise InvalidInput(
             "a user name is 1-64 letters, digits and . _ @ + -, starting with a letter or digit"
         )
@@ -159,6 +167,6 @@ def check_user_name(value: str) -> str:
 
 
 def check_heroku_name(value: str, what: str) -> str:
-    if not _HEROKU_NAME.match(value):
+    if not _HEROKU_NAME.fullmatch(value):
         raise InvalidInput(f"{what} {value!r} is not a valid Heroku name or id")
     return value

@@ -11,9 +11,12 @@ from flask import Flask, Response
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
-from app.api import access_requests, audit_events, databases, health, reports, slack
+from app.api import access_requests, audit_events, databases, health, metrics, reports, slack
+from app.api.blueprint import authenticate_first
 from app.api.context import close_session
+from app.api.hardening import init_hardening
 from app.api.idempotency import init_idempotency
+from app.api.instrumentation import init_instrumentation
 from app.api.problem import (
     PROBLEM_JSON,
     ProblemSchema,
@@ -21,6 +24,7 @@ from app.api.problem import (
     from_http_exception,
     load_json_guarded,
 )
+from app.api.ratelimit import document_rate_limit, init_rate_limit
 from app.services.errors import DomainError
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,24 @@ class GuardedJSONProvider(DefaultJSONProvider):
         return load_json_guarded(s.encode() if isinstance(s, str) else s)
 
 
+ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    401: {
+        "WWW-Authenticate": {
+            "description": "The scheme to authenticate with (RFC 9110): Bearer, or Slack's signature",
+            "required": True,
+            "schema": {"type": "string", "minLength": 1},
+        }
+    },
+    503: {
+        "Retry-After": {
+            "description": "Seconds to wait before asking again",
+            "required": True,
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    },
+}
+
+
 class Api(flask_smorest.Api):  # type: ignore[misc]
     """flask-smorest's Api whose every error is an RFC 9457 problem document."""
 
@@ -48,11 +70,14 @@ class Api(flask_smorest.Api):  # type: ignore[misc]
         return from_http_exception(error)
 
     def _register_responses(self) -> None:
-        # Error responses are documented with the problem+json media type they are sent with.
+        # Error responses are documented with the problem+json media type they are sent with, and with the
+        # headers that come with them.
         for status in http.HTTPStatus:
             response: dict[str, Any] = {"description": status.phrase}
             if status >= 400:
                 response["content"] = {PROBLEM_JSON: {"schema": self.ERROR_SCHEMA}}
+            if status in ERROR_HEADERS:
+                response["headers"] = ERROR_HEADERS[status]
             self.spec.components.response(status.name, response, lazy=True)
         self.spec.components.response(
             "DEFAULT_ERROR",
@@ -123,10 +148,16 @@ def init_api(app: Flask) -> Api:
         },
     )
     api = Api(app)
-    for module in (health, databases, access_requests, audit_events, reports, slack):
+    for module in (health, databases, access_requests, audit_events, reports, slack, metrics):
         api.register_blueprint(module.blp)
     _document_headers(api)
+    document_rate_limit(api.spec, api.spec._paths)
     app.register_error_handler(DomainError, from_domain_error)
+    init_instrumentation(app, app.extensions["drawbridge"])
+    # Before-request hooks run in this order: the rate limit first, so a refused request costs least.
+    init_rate_limit(app, app.extensions["drawbridge"].config)
+    app.before_request(authenticate_first)
+    init_hardening(app)
     init_idempotency(app)
     app.teardown_appcontext(close_session)
     return api

@@ -84,7 +84,7 @@ class AccessRequestItem(MethodView):
 
 
 @blp.route("/<uuid:request_id>/approve", methods=["POST"])
-@blp.arguments(ApproveSchema)
+@blp.arguments(ApproveSchema, required=False)
 @blp.response(200, AccessRequestSchema)
 @blp.errors(400, 401, 403, 404, 409, 413, 415)
 def approve(data: dict[str, Any], request_id: uuid.UUID) -> dict[str, Any]:
@@ -118,7 +118,7 @@ def deny(data: dict[str, Any], request_id: uuid.UUID) -> dict[str, Any]:
 
 
 @blp.route("/<uuid:request_id>/cancel", methods=["POST"])
-@blp.arguments(EndSchema)
+@blp.arguments(EndSchema, required=False)
 @blp.response(200, AccessRequestSchema)
 @blp.errors(400, 401, 403, 404, 409, 413, 415)
 def cancel(data: dict[str, Any], request_id: uuid.UUID) -> dict[str, Any]:
@@ -135,7 +135,7 @@ def cancel(data: dict[str, Any], request_id: uuid.UUID) -> dict[str, Any]:
 
 
 @blp.route("/<uuid:request_id>/revoke", methods=["POST"])
-@blp.arguments(EndSchema)
+@blp.arguments(EndSchema, required=False)
 @blp.response(200, AccessRequestSchema)
 @blp.errors(400, 401, 403, 404, 409, 413, 415)
 def revoke(data: dict[str, Any], request_id: uuid.UUID) -> dict[str, Any]:

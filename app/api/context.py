@@ -43,24 +43,43 @@ class NotAuthenticated(Unauthorized):
         self.data = {"headers": {"WWW-Authenticate": 'Bearer realm="drawbridge"'}}
 
 
+def _presented_token() -> str | None:
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        return None
+    return presented.strip()
+
+
+def token_principal() -> Principal | None:
+    """Whose valid bearer token the request carries (before any X-On-Behalf-Of), or None; looked up once
+    per request, for the rate limiter and then for `principal()`."""
+    if "token_principal" not in g:
+        presented = _presented_token()
+        found = None
+        if presented is not None:
+            db = session()
+            found = tokens.authenticate(db, presented=presented)
+            db.rollback()  # end the read transaction; services start their own
+        g.token_principal = found
+    cached: Principal | None = g.token_principal
+    return cached
+
+
 def principal() -> Principal:
     """The caller, from `Authorization: Bearer <token>`; raises 401 for a missing, bad or revoked token."""
     if "principal" in g:
         found: Principal = g.principal
         return found
-    header = request.headers.get("Authorization", "")
-    scheme, _, presented = header.partition(" ")
-    if not header:
+    if not request.headers.get("Authorization"):
         raise NotAuthenticated("send an API token as Authorization: Bearer <token>")
-    if scheme.lower() != "bearer" or not presented.strip():
+    if _presented_token() is None:
         raise NotAuthenticated("the Authorization header must be Bearer <token>")
-    db = session()
-    found_principal = tokens.authenticate(db, presented=presented.strip())
-    if found_principal is None:
-        db.rollback()
+    caller = token_principal()
+    if caller is None:
         raise NotAuthenticated("the API token is not valid or has been revoked")
-    found_principal = _on_behalf(db, found_principal)
-    db.rollback()  # end the read transaction; services start their own
+    db = session()
+    found_principal = _on_behalf(db, caller)
+    db.rollback()
     g.principal = found_principal
     return found_principal
 

@@ -83,7 +83,7 @@ class DatabaseItem(MethodView):
         who = principal()
         return database_dict(databases.show_database(session(), principal=who, name=name))
 
-    @blp.arguments(DatabasePolicySchema)
+    @blp.arguments(DatabasePolicySchema, required=False)
     @blp.response(200, DatabaseSchema)
     @blp.errors(400, 401, 403, 404, 413, 415)
     def patch(self, data: dict[str, Any], name: str) -> dict[str, Any]:

@@ -131,7 +131,8 @@ def _depth(value: Any, limit: int) -> int:
 
 
 def load_json_guarded(raw: bytes) -> Any:
-    """Parse a JSON body, refusing malformed text and nesting deeper than MAX_JSON_DEPTH (400)."""
+    """Parse a JSON body, refusing malformed text and nesting deeper than MAX_JSON_DEPTH (400), and text
+    PostgreSQL cannot store (422)."""
     try:
         value = json.loads(raw)
     except RecursionError:
@@ -140,13 +141,53 @@ def load_json_guarded(raw: bytes) -> Any:
         raise BadRequest("the body is not valid JSON") from None
     if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise BadRequest(f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
+    where = _unstorable_at(value)
+    if where is not None:
+        # PostgreSQL text and jsonb hold neither U+0000 nor lone surrogates (which are not UTF-8); refused
+        # here, they never reach a query.
+        raise InvalidRequest(
+            "text may not contain the NUL character (U+0000) or unpaired surrogates (U+D800-U+DFFF)",
+            field=where or "body",
+        )
     return value
 
 
+def _storable(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unstorable_at(value: Any) -> str | None:
+    """The dotted path of the first string (or key) PostgreSQL could not store, "" for the top level."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if not _storable(item):
+                return path
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if not _storable(key):
+                    return path or "body"
+                stack.append((child, f"{path}.{key}" if path else key))
+        elif isinstance(item, list):
+            for index, child in enumerate(item):
+                stack.append((child, f"{path}.{index}" if path else str(index)))
+    return None
+
+
 class GuardedParser(FlaskParser):
-    """webargs' parser with body guards: JSON content type required, depth-limited parsing."""
+    """webargs' parser with body guards: JSON content type required, depth-limited parsing; and the schema's
+    own `unknown` policy in the query string too (webargs ignores unknown query parameters by default), so a
+    misspelt filter is refused instead of silently widening what is returned."""
 
     DEFAULT_VALIDATION_STATUS = 422
+    DEFAULT_UNKNOWN_BY_LOCATION = {**FlaskParser.DEFAULT_UNKNOWN_BY_LOCATION, "query": None}
 
     def _raw_load_json(self, req: Any) -> Any:
         data = req.get_data(cache=True)

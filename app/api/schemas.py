@@ -8,6 +8,7 @@ from typing import Any
 
 import marshmallow as ma
 from marshmallow import fields, validate
+from sqlalchemy import Row
 
 from app.models import AccessRequest, AuditEvent, Database, RequestStatus
 from app.services import export
@@ -39,9 +40,11 @@ class Text(fields.String):
 
 
 class Duration(fields.String):
-    """An ISO 8601 duration (PT2H) or shorthand (90m, 2h, 1d); loaded as whole seconds."""
+    """An ISO 8601 duration (PT2H) or shorthand (90m, 2h, 1d); loaded as whole seconds. With `allow_zero`,
+    `PT0S` (what it renders for zero) is accepted too."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, allow_zero: bool = False, **kwargs: Any) -> None:
+        self.allow_zero = allow_zero
         metadata = kwargs.pop("metadata", {})
         metadata.setdefault("example", "PT2H")
         metadata.setdefault("description", "ISO 8601 duration such as PT2H, or shorthand such as 90m, 2h, 1d")
@@ -52,7 +55,7 @@ class Duration(fields.String):
         if len(text) > 40:
             raise ma.ValidationError("a duration is at most 40 characters")
         try:
-            return int(parse_duration(text).total_seconds())
+            return int(parse_duration(text, allow_zero=self.allow_zero).total_seconds())
         except InvalidInput as exc:
             raise ma.ValidationError(str(exc)) from None
 
@@ -60,8 +63,25 @@ class Duration(fields.String):
         return None if value is None else format_duration(int(value))
 
 
+class UtcDateTime(fields.AwareDateTime):
+    """An aware timestamp, loaded as UTC; one whose UTC time falls outside years 1-9999 is invalid."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return moment.astimezone(UTC)
+        except OverflowError:
+            raise ma.ValidationError("the time is out of range") from None
+
+
 def Timestamp(**kwargs: Any) -> fields.AwareDateTime:  # noqa: N802 - a field factory
-    return fields.AwareDateTime(default_timezone=UTC, **kwargs)
+    return UtcDateTime(default_timezone=UTC, **kwargs)
+
+
+def WholeNumber(**kwargs: Any) -> fields.Integer:  # noqa: N802 - a field factory
+    """An integer in a JSON body: a JSON integer only, never a fraction (2.5 is refused, not truncated) nor
+    a string of digits, as the document's `type: integer` says."""
+    return fields.Integer(strict=True, **kwargs)
 
 
 # -- databases ---------------------------------------------------------------------------------------------
@@ -92,14 +112,14 @@ class AutoApproveRuleSchema(StrictSchema):
 class PolicyFieldsMixin:
     default_duration = Duration(metadata={"description": "Duration granted when a request gives none"})
     max_duration = Duration(metadata={"description": "Longest duration one request may ask for"})
-    approvals_required = fields.Integer(
+    approvals_required = WholeNumber(
         validate=validate.Range(1, 10), metadata={"description": "Distinct approvers needed"}
     )
-    max_live_per_user = fields.Integer(
+    max_live_per_user = WholeNumber(
         validate=validate.Range(1, 100),
         metadata={"description": "Live requests one user may hold on this database"},
     )
-    max_prefix = fields.Integer(
+    max_prefix = WholeNumber(
         validate=validate.Range(16, 32),
         metadata={"description": "Widest CIDR prefix a request may open (28 means /28)"},
     )
@@ -111,7 +131,7 @@ class PolicyFieldsMixin:
         allow_none=True,
         metadata={"description": "Regular expression the reason must contain, e.g. a ticket id"},
     )
-    rule_headroom = fields.Integer(
+    rule_headroom = WholeNumber(
         validate=validate.Range(0, 59),
         metadata={"description": "Heroku rule slots (of 60) kept free on this database"},
     )
@@ -128,10 +148,12 @@ class PolicyFieldsMixin:
     )
     self_extension = Duration(
         allow_none=True,
+        allow_zero=True,
         metadata={"description": "Time a requester may add to live access without approval (null: none)"},
     )
     warn_before = Duration(
         allow_none=True,
+        allow_zero=True,
         metadata={"description": "How long before access ends its holder is warned (null: not warned)"},
     )
 
@@ -429,7 +451,7 @@ class AuditEventListSchema(ma.Schema):
     next_cursor = fields.String(allow_none=True)
 
 
-def audit_row(event: AuditEvent) -> dict[str, Any]:
+def audit_row(event: AuditEvent | Row[Any]) -> dict[str, Any]:
     return {key: getattr(event, key) for key in export.COLUMNS}
 
 

@@ -105,17 +105,26 @@ SIGNATURE_HEADERS = [
 ]
 
 
+class NotSignedBySlack(Unauthorized):
+    """401 for a request Slack did not sign, or signed too long ago."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description)
+        # A 401 names the way to authenticate (RFC 9110): here Slack's request signature, not a token.
+        self.data = {"headers": {"WWW-Authenticate": 'Slack-Signature realm="drawbridge"'}}
+
+
 def _signed_form(schema: type[ma.Schema]) -> dict[str, Any]:
-    """The OpenAPI of an operation Slack calls: signed, not Bearer-authenticated, with a form body."""
+    """The OpenAPI of an operation Slack calls: signed headers and a form body (`blp.authenticated_by`
+    marks it as needing no bearer token)."""
     return {
-        "security": [],
         "parameters": SIGNATURE_HEADERS,
         "requestBody": {"required": True, "content": {FORM: {"schema": schema}}},
     }
 
 
-def _verified_form() -> dict[str, str]:
-    """The form fields of a request Slack signed; 401 when the signature does not check out."""
+def require_signature() -> None:
+    """Return if Slack signed this request's raw body; else 401, before anything parses the body."""
     body = request.get_data(cache=True)
     rt = runtime()
     try:
@@ -128,7 +137,13 @@ def _verified_form() -> dict[str, str]:
         )
     except slack.SignatureError as exc:
         log.warning("refused a Slack request: %s", exc)
-        raise Unauthorized(str(exc)) from None
+        raise NotSignedBySlack(str(exc)) from None
+
+
+def _verified_form() -> dict[str, str]:
+    """The form fields of a request Slack signed; 401 when the signature does not check out."""
+    require_signature()
+    body = request.get_data(cache=True)
     try:
         pairs = parse_qsl(body.decode(), keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS)
     except (UnicodeDecodeError, ValueError):
@@ -165,9 +180,10 @@ def _line(request_row: AccessRequest) -> str:
 
 
 @blp.route("/commands", methods=["POST"])
+@blp.authenticated_by(require_signature)
 @blp.doc(**_signed_form(SlackCommandFormSchema))
 @blp.response(200, SlackReplySchema)
-@blp.errors(400, 401, 413)
+@blp.errors(400, 401, 413, 422)
 def commands() -> dict[str, Any]:
     """The `/drawbridge` slash command, signed by Slack.
 
@@ -271,9 +287,10 @@ def _extend(db: Session, who: Principal, command: slack.ExtendCommand) -> dict[s
 
 
 @blp.route("/interactions", methods=["POST"])
+@blp.authenticated_by(require_signature)
 @blp.doc(**_signed_form(SlackInteractionFormSchema))
 @blp.response(200, SlackReplySchema)
-@blp.errors(400, 401, 413)
+@blp.errors(400, 401, 413, 422)
 def interactions() -> dict[str, Any]:
     """The Approve and Deny buttons of request messages, signed by Slack.
 

@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
@@ -268,6 +268,25 @@ def _may_approve(principal: Principal, db: Database) -> None:
     raise PermissionDenied(f"you are not among the approvers of {db.name}")
 
 
+def _refuse_if_lapsed(request: AccessRequest, now: datetime) -> None:
+    """Raise InvalidTransition when the request's deadline has passed and only the worker's next sweep
+    has not yet recorded it: a pending request past its approval window cannot be approved any more, and
+    access past its end cannot be extended (that would revive access that has already lapsed)."""
+    if request.status is RequestStatus.PENDING:
+        window = timedelta(seconds=request.database.approval_window)
+        if request.created_at <= now - window:
+            raise InvalidTransition(
+                f"the approval window ({window}) closed at {(request.created_at + window).isoformat()}; "
+                "the request is timing out",
+                request_status=request.status.value,
+            )
+    elif request.status is RequestStatus.ACTIVE and request.expires_at and request.expires_at <= now:
+        raise InvalidTransition(
+            f"the access ended at {request.expires_at.isoformat()} and is being closed",
+            request_status=request.status.value,
+        )
+
+
 def _decision(request: AccessRequest) -> str:
     """What an approval or denial decides: the request itself, or its pending extension."""
     if request.status is RequestStatus.PENDING:
@@ -301,10 +320,11 @@ def approve(
         raise SelfApprovalForbidden("you cannot approve your own request; someone else must")
     _may_approve(principal, request.database)
     deciding = _decision(request)
+    now = clock.now()
+    _refuse_if_lapsed(request, now)
     round_ = request.approval_round
     if any(a.approver_id == principal.user_id and a.round == round_ for a in request.approvals):
         raise AlreadyApproved(f"you have already approved this {deciding}")
-    now = clock.now()
     note = _clean_comment(comment, "comment")
     session.add(
         Approval(
@@ -498,6 +518,8 @@ def extend(
         )
     if request.pending_extension:
         raise InvalidTransition("an extension of this request already waits for approval")
+    now = clock.now()
+    _refuse_if_lapsed(request, now)
     try:
         added = int(parse_duration(duration).total_seconds())
     except InvalidInput as exc:
@@ -510,7 +532,6 @@ def extend(
             f"this request can be extended by {timedelta(seconds=room)} more",
             field="duration",
         )
-    now = clock.now()
     if request.self_extended + added <= db.self_extension:
         _apply_extension(session, request, added=added, now=now, by=principal, self_service=True)
     else:
@@ -659,10 +680,11 @@ def _decode(cursor: str) -> tuple[datetime, uuid.UUID]:
         data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         moment = datetime.fromisoformat(data["t"])
         ident = uuid.UUID(data["id"])
-    except (binascii.Error, ValueError, KeyError, TypeError):
+        if moment.tzinfo is None:
+            raise ValueError("naive time")
+        moment = moment.astimezone(UTC)
+    except (binascii.Error, ValueError, KeyError, TypeError, OverflowError):
         raise InvalidRequest("the cursor is not one this API returned", field="cursor") from None
-    if moment.tzinfo is None:
-        raise InvalidRequest("the cursor is not one this API returned", field="cursor")
     return moment, ident
 
 

@@ -130,6 +130,8 @@ def authenticate(session: Session, *, presented: str) -> Principal | None:
     parts = presented.split("_", 2)
     if len(parts) != 3 or parts[0] != PREFIX or not parts[1] or not parts[2] or len(presented) > 200:
         return None
+    if not (parts[1].isascii() and parts[1].isalnum()):
+        return None  # ids are hex; anything else (a NUL byte, say) must not reach the database
     row = session.get(ApiToken, parts[1])
     expected = row.secret_hash if row is not None else _hash("")
     matches = hmac.compare_digest(expected, _hash(parts[2]))

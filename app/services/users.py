@@ -24,7 +24,7 @@ class SlackIdTaken(Conflict):
 
 def check_slack_user_id(value: str) -> str:
     """Raise InvalidRequest unless `value` looks like a Slack user id (`U024BE7LH`)."""
-    if not _SLACK_USER_ID.match(value):
+    if not _SLACK_USER_ID.fullmatch(value):  # match() would let a trailing newline through
         raise InvalidRequest(
             f"{value!r} is not a Slack user id such as U024BE7LH (Slack: profile, more, Copy member ID)",
             field="slack_user_id",

@@ -164,3 +164,49 @@ def test_an_extended_request_expires_at_its_new_end(
     grants.sweep(runtime.sessions, heroku=runtime.heroku, clock=clock, settings=SETTINGS)
     assert client.get(f"/access-requests/{request_id}", headers=alice).get_json()["status"] == "expired"
     assert simulator.rules(next(iter(simulator.addons.values()))) == []
+
+
+def test_access_past_its_end_cannot_be_extended_even_before_the_worker_closes_it(
+    client: FlaskClient,
+    token_for: TokenFactory,
+    registered: Any,
+    runtime: Runtime,
+    simulator: Simulator,
+    clock: ManualClock,
+) -> None:
+    """With the worker down, a request can still read `active` after its end; extending it then would
+    revive access that has lapsed."""
+    registered(self_extension="1h")
+    request_id, alice, bob = active_request(client, token_for, runtime, simulator, duration="30m")
+    before = client.get(f"/access-requests/{request_id}", headers=alice).get_json()
+    clock.advance(timedelta(minutes=31))
+
+    late = client.post(f"/access-requests/{request_id}/extend", json={"duration": "30m"}, headers=alice)
+
+    assert late.status_code == 409 and late.mimetype == "application/problem+json"
+    assert "ended" in late.get_json()["detail"]
+    after = client.get(f"/access-requests/{request_id}", headers=alice).get_json()
+    assert after["expires_at"] == before["expires_at"] and after["pending_extension"] is None
+    grants.sweep(runtime.sessions, heroku=runtime.heroku, clock=runtime.clock, settings=SETTINGS)  # type: ignore[arg-type]
+    assert client.get(f"/access-requests/{request_id}", headers=alice).get_json()["status"] == "expired"
+
+
+def test_an_extension_waiting_for_approval_cannot_be_approved_after_the_access_ended(
+    client: FlaskClient,
+    token_for: TokenFactory,
+    registered: Any,
+    runtime: Runtime,
+    simulator: Simulator,
+    clock: ManualClock,
+) -> None:
+    registered()
+    request_id, alice, bob = active_request(client, token_for, runtime, simulator, duration="30m")
+    asked = client.post(f"/access-requests/{request_id}/extend", json={"duration": "30m"}, headers=alice)
+    assert asked.get_json()["pending_extension"] == "PT30M"
+    clock.advance(timedelta(minutes=31))
+
+    late = client.post(f"/access-requests/{request_id}/approve", json={}, headers=bob)
+
+    assert late.status_code == 409
+    body = client.get(f"/access-requests/{request_id}", headers=alice).get_json()
+    assert body["duration"] == "PT30M" and body["approvals"] == asked.get_json()["approvals"]

@@ -146,3 +146,17 @@ def test_a_reason_is_required_bounded_and_free_of_control_characters() -> None:
     ]:
         with pytest.raises(InvalidInput, match=message):
             clean_reason(bad)
+
+
+@pytest.mark.parametrize(
+    "given", ["8.8.8.8/\u00b2", "8.8.8.8/\u0663\u0662", "8.8.8.8/" + "0" * 5000, "8.8.8.8/032"]
+)
+def test_a_prefix_length_not_written_as_one_or_two_ascii_digits_is_refused(given: str) -> None:
+    with pytest.raises(InvalidInput, match="invalid prefix length"):
+        parse_cidr(given)
+
+
+@pytest.mark.parametrize("given", ["\u0661h", "1\u0661m", "\u0669\u0660m", "PT\u0661H"])
+def test_a_duration_written_with_other_scripts_digits_is_refused(given: str) -> None:
+    with pytest.raises(InvalidInput, match="not a duration"):
+        parse_duration(given)
