@@ -16,14 +16,11 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 log = logging.getLogger("drawbridge")
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    # One line per job run would drown the worker's own report of what each sweep did.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+def _setup_logging(config: Config) -> None:
+    """One line per event on stderr: JSON unless DRAWBRIDGE_LOG_FORMAT=text, secrets masked."""
+    from app import logs
+
+    logs.configure_for(config)
 
 
 def _config(**overrides: Any) -> Config:
@@ -64,8 +61,9 @@ def serve(host: str, port: int, threads: int, with_worker: bool, simulate: bool)
     from app.runtime import build_runtime
     from app.worker import Worker
 
-    _setup_logging()
-    runtime = build_runtime(_config(simulate=simulate))
+    config = _config(simulate=simulate)
+    _setup_logging(config)
+    runtime = build_runtime(config)
     app = create_app(runtime=runtime)
     try:
         background = Worker(runtime) if with_worker else None
@@ -99,8 +97,9 @@ def worker(simulate: bool) -> None:
     from app.runtime import build_runtime
     from app.worker import Worker, run_until_signalled
 
-    _setup_logging()
-    runtime = build_runtime(_config(simulate=simulate))
+    config = _config(simulate=simulate)
+    _setup_logging(config)
+    runtime = build_runtime(config)
     try:
         run_until_signalled(Worker(runtime))
     except RuntimeError as exc:
@@ -128,8 +127,8 @@ def upgrade() -> None:
     """Apply Alembic migrations up to the newest revision."""
     from alembic import command
 
-    _setup_logging()
     config = _config()
+    _setup_logging(config)
     command.upgrade(alembic_config(config.database_url), "head")
     click.echo("database is at the newest revision", err=True)
 
@@ -255,7 +254,7 @@ def simulator(
     from app.clock import SystemClock
     from app.heroku.simulator import Settings, Simulator
 
-    _setup_logging()
+    _setup_logging(_config())
     settings = Settings(
         authorize_after=authorize_after,
         rule_limit=rule_limit,
@@ -335,9 +334,9 @@ def audit_export(fmt: str, output: Path, since: str | None, until: str | None) -
     filters = EventFilter(since=_moment(since), until=_moment(until))
     rt = build_runtime(_config())
     try:
-        with rt.sessions() as session, output.open("w", encoding="utf-8", newline="") as out:
-            total = export.count(session, filters)
+        with rt.sessions() as session, output.open("wb") as out:
             if sys.stderr.isatty():
+                total = export.count(session, filters)
                 with click.progressbar(length=total, label="exporting", file=sys.stderr) as bar:
                     summary = export.write(session, out, fmt=fmt, filters=filters, progress=bar.update)
             else:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.clock import Clock, SystemClock
 from app.config import Config
 from app.db import make_engine, make_session_factory
-from app.heroku.client import HerokuClient
+from app.heroku.client import HerokuClient, RateBudget
 from app.heroku.simulator import Settings as SimulatorSettings
 from app.heroku.simulator import Simulator, SimulatorTransport
 
@@ -46,9 +46,22 @@ def build_runtime(
     heroku: HerokuClient | None = None,
     heroku_transport: httpx.BaseTransport | None = None,
 ) -> Runtime:
-    """Wire a runtime. With `config.simulate`, Heroku is the built-in simulator, in this process."""
+    """Wire a runtime. With `config.simulate`, Heroku is the built-in simulator, in this process. On
+    PostgreSQL every process counts the Heroku API budget in one shared row; SQLite serves one process,
+    which counts it in memory."""
     clock = clock or SystemClock()
     engine = make_engine(config.database_url)
+    sessions = make_session_factory(engine)
+
+    def budget(token: str) -> RateBudget:
+        # A call unanswered for this long is over: answered, or given up by its timeout.
+        window = max(60.0, 2 * config.heroku_timeout)
+        if engine.dialect.name != "postgresql":
+            return RateBudget(clock=clock, in_flight_window=window)
+        from app.services.heroku_budget import shared_budget
+
+        return shared_budget(sessions, token=token, clock=clock, in_flight_window=window)
+
     simulator = None
     if heroku is None and config.simulate:
         # Rules take a while to authorize, as at Heroku, so the walk-through shows every stage.
@@ -65,6 +78,8 @@ def build_runtime(
             api_url="http://heroku.simulator",
             data_api_url="http://data.heroku.simulator",
             transport=SimulatorTransport(app=simulator),
+            timeout=config.heroku_timeout,
+            budget=budget(SIMULATOR_TOKEN),
         )
     elif heroku is None and config.heroku_api_token:
         heroku = HerokuClient(
@@ -72,11 +87,13 @@ def build_runtime(
             api_url=config.heroku_api_url,
             data_api_url=config.heroku_data_api_url,
             transport=heroku_transport,
+            timeout=config.heroku_timeout,
+            budget=budget(config.heroku_api_token),
         )
     return Runtime(
         config=config,
         engine=engine,
-        sessions=make_session_factory(engine),
+        sessions=sessions,
         heroku=heroku,
         clock=clock,
         simulator=simulator,

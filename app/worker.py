@@ -16,9 +16,12 @@ from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from app import logs
+from app.metrics import WorkerMetrics
 from app.notifier import Notifier
 from app.runtime import Runtime
-from app.services import grants, idempotency
+from app.services import grants, heartbeats, idempotency
+from app.telemetry import counting_heroku_calls
 
 log = logging.getLogger(__name__)
 
@@ -34,39 +37,60 @@ class Worker:
             poll_interval=config.poll_interval,
             provisioning_timeout=config.provisioning_timeout,
             reconcile_interval=config.reconcile_interval,
+            # Longer than a Heroku call with its retries and pauses (60 s at the default 10 s timeout).
+            lease=max(15.0, 6 * config.heroku_timeout),
         )
         self.notifier = Notifier(config, sessions=runtime.sessions, clock=runtime.clock)
+        self.identity = heartbeats.WorkerIdentity.of_this_process(started_at=runtime.clock.now())
+        self.metrics = WorkerMetrics(
+            process=self.identity.label, heroku=self.heroku, multiproc_dir=config.metrics_multiproc_dir
+        )
         self._stopping = threading.Event()
         self._purged_at = 0.0
         self._scheduler: BackgroundScheduler | None = None
 
     def run_once(self) -> grants.Report:
-        """One sweep (reconciliation included; each database is reconciled at most once per interval)."""
-        started = time.monotonic()
-        report = grants.sweep(
-            self.runtime.sessions,
-            heroku=self.heroku,
-            clock=self.runtime.clock,
-            settings=self.settings,
-            stop=self._stopping.is_set,
-            with_reconcile=True,
-        )
-        if report.counts:
-            log.info("sweep took %.3fs: %s", time.monotonic() - started, report.counts)
+        """One sweep (reconciliation included; each database is reconciled at most once per interval),
+        under a request id of its own; when it finishes, the worker's heartbeat is recorded."""
+        with logs.request_scope(), counting_heroku_calls(self.metrics.count_heroku_call):
+            started = time.monotonic()
+            report = grants.sweep(
+                self.runtime.sessions,
+                heroku=self.heroku,
+                clock=self.runtime.clock,
+                settings=self.settings,
+                stop=self._stopping.is_set,
+                with_reconcile=True,
+            )
+            elapsed = time.monotonic() - started
+            self.metrics.observe_job("sweep", elapsed)
+            if report.counts:
+                log.info("sweep took %.3fs: %s", elapsed, report.counts)
+            self.beat()
         return report
 
-    def deliver_once(self) -> grants.Report:
-        """Deliver the notifications that are due (see `Notifier.deliver`)."""
-        started = time.monotonic()
-        report = self.notifier.deliver(stop=self._stopping.is_set)
-        if time.monotonic() - self._purged_at > 60:
-            self._purged_at = time.monotonic()
-            report.add(
-                "idempotency_keys_purged",
-                idempotency.purge_expired(self.runtime.sessions, now=self.runtime.clock.now()),
+    def beat(self) -> None:
+        """Record this worker's heartbeat, with a snapshot of its metrics. Commits."""
+        with self.runtime.sessions() as session:
+            heartbeats.beat(
+                session, worker=self.identity, now=self.runtime.clock.now(), metrics=self.metrics.snapshot()
             )
-        if report.counts:
-            log.info("delivery took %.3fs: %s", time.monotonic() - started, report.counts)
+
+    def deliver_once(self) -> grants.Report:
+        """Deliver the notifications that are due (see `Notifier.deliver`), under a request id of its own."""
+        with logs.request_scope():
+            started = time.monotonic()
+            report = self.notifier.deliver(stop=self._stopping.is_set)
+            if time.monotonic() - self._purged_at > 60:
+                self._purged_at = time.monotonic()
+                report.add(
+                    "idempotency_keys_purged",
+                    idempotency.purge_expired(self.runtime.sessions, now=self.runtime.clock.now()),
+                )
+            elapsed = time.monotonic() - started
+            self.metrics.observe_job("deliver", elapsed)
+            if report.counts:
+                log.info("delivery took %.3fs: %s", elapsed, report.counts)
         return report
 
     def _safe_run(self) -> None:

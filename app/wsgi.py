@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
-from app import create_app
+from app import create_app, logs
+from app.config import Config
 
-app = create_app()
+config = Config.from_env()
+logs.configure_for(config)
+app = create_app(config)
