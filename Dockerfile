@@ -1,17 +1,29 @@
-# Drawbridge API image: small, non-root, migrations run before the server starts.
-FROM python:3.11-slim
+# Drawbridge: the API (default command) or the worker (`drawbridge worker`), as a non-root user.
+# Build: docker build -t drawbridge .   Run: see "Run in a container" in README.md.
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PORT=8000
+FROM python:3.11-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /srv/drawbridge
-
-RUN useradd --system --create-home --uid 10001 drawbridge
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml README.md alembic.ini gunicorn.conf.py ./
 COPY app ./app
 COPY migrations ./migrations
-RUN pip install -e . && chown -R drawbridge /srv/drawbridge
+# Editable, as in development: `drawbridge db upgrade` finds migrations/ beside the app package. The
+# bytecode is compiled here because the running user cannot write to the source tree.
+RUN pip install -e . && python -m compileall -q app migrations gunicorn.conf.py
 
-USER drawbridge
+FROM python:3.11-slim-bookworm
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PATH=/opt/venv/bin:$PATH PORT=8000 \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/drawbridge-metrics
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin drawbridge
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /srv/drawbridge /srv/drawbridge
+WORKDIR /srv/drawbridge
+USER 10001:10001
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=3s --retries=3 \
-  CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"PORT\"]}/healthz', timeout=2)"
-CMD ["sh", "-c", "drawbridge db upgrade && exec gunicorn app.wsgi:app --bind 0.0.0.0:${PORT} --workers 2 --threads 4"]
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/healthz', timeout=3)"]
+# Migrate, then serve. With several replicas, run `drawbridge db upgrade` once as its own step and start
+# the replicas with `gunicorn -c gunicorn.conf.py app.wsgi:app`.
+CMD ["sh", "-c", ": \"${DATABASE_URL:?set DATABASE_URL to a PostgreSQL URL}\" && drawbridge db upgrade && exec gunicorn -c gunicorn.conf.py app.wsgi:app"]

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 run: $(STAMP)
 	$(BIN)/drawbridge db upgrade
-	$(BIN)/drawbridge serve --with-worker --simulate
+	DRAWBRIDGE_LOG_FORMAT=text $(BIN)/drawbridge serve --with-worker --simulate
 
 test: $(STAMP)
 	$(BIN)/pytest
