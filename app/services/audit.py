@@ -19,6 +19,7 @@ import orjson
 from sqlalchemy import (
     ColumnElement,
     Row,
+    ScalarSelect,
     Select,
     Text,
     case,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     false,
     func,
     literal,
+    null,
     select,
     text,
     type_coerce,
@@ -371,36 +373,43 @@ class EventFilter:
             where.append(AuditEvent.action == self.action)
         if self.since is None and self.until is None:
             return where
-        ordered_from = session.scalar(
-            select(AuditMark.seq).where(AuditMark.name == AuditMark.TIME_ORDERED_FROM)
-        )
+        # One round trip for the three index lookups.
+        ordered_from, first_since, first_until = session.execute(
+            select(
+                select(AuditMark.seq).where(AuditMark.name == AuditMark.TIME_ORDERED_FROM).scalar_subquery(),
+                _first_seq_from(self.since),
+                _first_seq_from(self.until),
+            )
+        ).one()
         if self.since is not None:
-            first = _first_seq_from(session, self.since)
-            if first is None:
+            if first_since is None:
                 where.append(false())
-            elif ordered_from is not None and first >= ordered_from:
-                where.append(AuditEvent.seq >= first)
+            elif ordered_from is not None and first_since >= ordered_from:
+                where.append(AuditEvent.seq >= first_since)
             else:
                 where.append(AuditEvent.occurred_at >= self.since)
-        if self.until is not None:
-            first = _first_seq_from(session, self.until)
-            if first is not None and ordered_from is not None and first >= ordered_from:
-                where.append(AuditEvent.seq < first)
-            elif first is not None:
+        if self.until is not None and first_until is not None:
+            if ordered_from is not None and first_until >= ordered_from:
+                where.append(AuditEvent.seq < first_until)
+            else:
                 where.append(AuditEvent.occurred_at < self.until)
         return where
 
 
-def _first_seq_from(session: Session, moment: datetime) -> int | None:
-    """The `seq` of the earliest event at or after `moment` (an index lookup on (occurred_at, seq)).
+def _first_seq_from(moment: datetime | None) -> ScalarSelect[Any]:
+    """The `seq` of the earliest event at or after `moment` (an index lookup on (occurred_at, seq)), or
+    NULL when there is none or no moment.
 
     From the time-ordered mark on, each event is at least as late as every event before it, so when this
     event lies past the mark, every event before it is earlier than `moment` and every one after is not."""
-    return session.scalar(
+    if moment is None:
+        return select(null()).scalar_subquery()
+    return (
         select(AuditEvent.seq)
         .where(AuditEvent.occurred_at >= moment)
         .order_by(AuditEvent.occurred_at, AuditEvent.seq)
         .limit(1)
+        .scalar_subquery()
     )
 
 
