@@ -467,6 +467,16 @@ class HerokuClient:
             "the rest is kept for deleting rules"
         )
 
+    def can_send(self, priority: Priority) -> bool:
+        """Whether the budget would let a call of `priority` through now (nothing is spent). A refusal on a
+        count Heroku has not confirmed lately is checked with Heroku first, for free."""
+        if self.budget.admits(priority):
+            return True
+        if self.budget.stale():
+            self.refresh_budget()
+            return self.budget.admits(priority)
+        return False
+
     def refresh_budget(self) -> None:
         """Ask Heroku what is left of the budget (this call costs nothing)."""
         ticket = self.budget.peek()

@@ -27,7 +27,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.clock import Clock
 from app.heroku.client import HerokuClient, Priority
 from app.heroku.client import IpRule as HerokuRule
-from app.heroku.errors import HerokuAuthError, HerokuError, HerokuPermanentError
+from app.heroku.errors import (
+    HerokuAuthError,
+    HerokuBudgetReserved,
+    HerokuError,
+    HerokuPermanentError,
+    HerokuRateLimited,
+)
 from app.models import (
     LIVE_RULE_STATUSES,
     AccessRequest,
@@ -411,6 +417,11 @@ def delete_rules(
     for _ in range(settings.batch):
         if stop():
             return
+        if not heroku.can_send(Priority.DELETE):
+            # Nothing is claimed that cannot be sent: the rule stays due, and is taken as soon as the
+            # budget allows, with no backoff earned for a call that was never made.
+            report.add("delete_waiting_for_budget")
+            return
         claimed = _claim_next(
             sessions, RuleStatus.DELETING, IpRule.release_at, clock=clock, settings=settings, report=report
         )
@@ -455,8 +466,19 @@ def _delete_one(
                 if parsed and parsed[0] == rule_id and heroku.delete_ip_rule(db=addon_id, rule_id=found.id):
                     deleted.append(found.id)
     except HerokuError as exc:
+        retry_in = None
+        if isinstance(exc, (HerokuRateLimited, HerokuBudgetReserved)):
+            # The account's budget is spent: the shared count paces every call already, so the rule is
+            # tried again as soon as it allows, not after a backoff that grows with each refusal.
+            retry_in = min(settings.max_backoff, max(1.0, heroku.budget.wait_for(Priority.DELETE)))
         _record_delete_failure(
-            sessions, clock=clock, settings=settings, rule_id=rule_id, token=token, error=exc
+            sessions,
+            clock=clock,
+            settings=settings,
+            rule_id=rule_id,
+            token=token,
+            error=exc,
+            retry_in=retry_in,
         )
         report.add("delete_failed")
         return
@@ -495,6 +517,7 @@ def _record_delete_failure(
     rule_id: uuid.UUID,
     token: int,
     error: HerokuError,
+    retry_in: float | None = None,
 ) -> None:
     now = clock.now()
     with sessions() as session:
@@ -502,7 +525,10 @@ def _record_delete_failure(
         assert rule is not None
         if rule.attempts != token:
             return
-        rule.next_attempt_at = now + backoff(rule.attempts, settings.max_backoff)
+        delay = (
+            backoff(rule.attempts, settings.max_backoff) if retry_in is None else timedelta(seconds=retry_in)
+        )
+        rule.next_attempt_at = now + delay
         rule.last_error = str(error)
         log.error(
             "could not delete Heroku IP rule %s (%s) of %s, attempt %d; retrying at %s: %s",
@@ -704,6 +730,9 @@ def create_rules(
     need never gets two rules."""
     for _ in range(settings.open_batch):
         if stop():
+            return
+        if not heroku.can_send(Priority.CREATE):
+            report.add("create_waiting_for_budget")
             return
         claimed = _claim_next(
             sessions, RuleStatus.CREATING, IpRule.created_at, clock=clock, settings=settings, report=report

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from app.heroku.client import HerokuClient, IpRule, Priority
+from app.heroku.client import HerokuClient, IpRule, Priority, RateBudget
 from app.models import AuditEvent, RequestStatus
 from app.services import grants
 from tests.conftest import sim_client
@@ -190,3 +190,65 @@ def test_a_long_queue_of_slow_creates_does_not_hold_an_expiry_back(world: World)
     deleted = next(c for c in world.simulator.calls if c.operation == "ip_rule_delete")
     assert (deleted.at - expires).total_seconds() <= 10 * 5.0  # ten creates at most, not thirty
     assert world.request(early).status is RequestStatus.EXPIRED
+
+
+def counting_client(world: World) -> HerokuClient:
+    """A client whose budget count follows the manual clock, as the worker's follows the real one."""
+    return HerokuClient(
+        token=world.simulator.token,
+        api_url="http://api.heroku.test",
+        data_api_url="http://data.heroku.test",
+        transport=sim_client(world.simulator)._http._transport,
+        budget=RateBudget(clock=world.clock),
+        sleep=lambda s: None,
+    )
+
+
+def expired_rule(world: World) -> None:
+    request_id = world.approved(cidr="8.8.8.8", duration="1h")
+    world.until_status(request_id, "active", step=5)
+    world.clock.set(world.request(request_id).expires_at)  # type: ignore[arg-type]
+
+
+def test_a_delete_the_budget_cannot_pay_for_is_not_claimed_and_goes_out_once_it_can(world: World) -> None:
+    expired_rule(world)
+    heroku = counting_client(world)
+    heroku.budget.observe("0")  # another client of the account spent it all
+    calls = len(world.simulator.calls)
+
+    report = world.sweep(heroku=heroku)
+
+    assert report.counts["delete_waiting_for_budget"] == 1
+    waiting = world.rules()[0]
+    assert waiting.status.value == "deleting" and waiting.attempts == 0 and waiting.next_attempt_at is None
+    assert world.simulator.calls[calls:] == []
+    world.clock.advance(1)  # 1.25 calls refilled at 75 a minute
+    world.sweep(heroku=heroku)
+    assert world.at_heroku() == [] and world.rules()[0].status.value == "deleted"
+
+
+def test_a_delete_refused_with_429_is_retried_as_the_budget_refills_not_after_a_growing_backoff(
+    world: World,
+) -> None:
+    expired_rule(world)
+    heroku = counting_client(world)
+    sim = world.simulator
+    sim.spend(float(sim.settings.bucket_capacity))
+    sim.settings.bucket_drain_per_minute = (
+        sim.settings.bucket_refill_per_minute
+    )  # kept empty by another client
+
+    for _ in range(120):  # two minutes of 429s, a sweep a second
+        world.sweep(heroku=heroku)
+        world.clock.advance(1)
+    assert world.at_heroku() == ["8.8.8.8/32"] and sim.count("ip_rule_delete", status=429) > 60
+
+    sim.settings.bucket_drain_per_minute = 0.0
+    drained_until = world.clock.now()
+    for _ in range(60):
+        world.sweep(heroku=heroku)
+        if not world.at_heroku():
+            break
+        world.clock.advance(1)
+    deleted = next(c for c in sim.calls if c.operation == "ip_rule_delete" and c.status == 200)
+    assert (deleted.at - drained_until).total_seconds() <= 2

@@ -298,13 +298,14 @@ def test_the_worker_deletes_an_expired_rule_while_creates_wait_for_the_budget(sm
     later = [
         world.approved(cidr=f"9.9.{n}.1", duration="8h", who=f"user{n}") for n in range(left - RESERVE + 3)
     ]
-    world.sweep()
+    report = world.sweep()
     assert budget.remaining == RESERVE
     held = [r for r in later if world.request(r).status is RequestStatus.PROVISIONING]
     assert len(held) == 3
     held_rules = [r for r in world.rules() if r.status is RuleStatus.CREATING]
     assert len(held_rules) == 3
-    assert all("kept for deleting rules" in (r.last_error or "") for r in held_rules)
+    assert report.counts["create_waiting_for_budget"] == 1
+    assert all(r.attempts == 0 and r.next_attempt_at is None for r in held_rules)  # never claimed: no backoff
 
     expires = world.request(early).expires_at
     assert expires is not None
