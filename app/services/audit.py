@@ -173,10 +173,11 @@ def canonical(event: EventFields) -> bytes:
 
 
 def link(previous: str, event: EventFields) -> str:
-    return hashlib.sha256(previous.encode() + b"\n" + canonical(event)).hexdigest()
+    return _link_plain(previous, plain(event))
 
 
 def _link_plain(previous: str, event: Plain) -> str:
+    """SHA-256 over the previous event's hash, a newline and the event's canonical text."""
     return hashlib.sha256((previous + "\n" + canonical_text(event)).encode()).hexdigest()
 
 
@@ -197,11 +198,17 @@ def _append_pending(session: Session) -> None:
         return
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
+    # The chain's last link and its latest time in one round trip: this runs in every writing commit.
     last = session.execute(
-        select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+        select(
+            AuditEvent.seq,
+            AuditEvent.hash,
+            select(func.max(AuditEvent.occurred_at)).scalar_subquery(),
+        )
+        .order_by(AuditEvent.seq.desc())
+        .limit(1)
     ).first()
-    seq, previous = (last[0], last[1]) if last is not None else (0, GENESIS)
-    latest: datetime | None = session.scalar(select(func.max(AuditEvent.occurred_at)))
+    seq, previous, latest = (last[0], last[1], last[2]) if last is not None else (0, GENESIS, None)
     for event in pending:
         if latest is not None and event.occurred_at < latest:
             event.occurred_at = latest
